@@ -1,0 +1,463 @@
+"""The objective core: a model, a loss and data bound into functions of a flat vector θ.
+
+Let θ ∈ Rⁿ be the chosen parameters flattened in ``model.named_parameters()`` order and
+let the data be batches b = 1..B of sizes m_b. With ℓ_b(θ) the loss of batch b,
+
+    reduction="mean":  L(θ) = Σ_b m_b ℓ_b(θ) / Σ_b m_b
+    reduction="sum":   L(θ) = Σ_b ℓ_b(θ)
+
+so L does not depend on how the same samples are split into batches (partial last batch
+included). ∇L and the Hessian-vector product H(θ)v = ∇²L(θ)v follow by linearity.
+
+Every other capability of flatness reaches the data only through :class:`Objective`. The
+model is evaluated with ``torch.func.functional_call`` on tensors of our own, so its
+parameters and buffers are never written; modes, flags and random states are restored
+after every call (see :mod:`flatness._guard`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from flatness import _dist
+from flatness._data import DataSource, batch_size_of, move_batch
+from flatness._guard import model_guard, seed_everything
+
+__all__ = ["NonFiniteLossError", "Objective", "ParamSpec"]
+
+ParamSpec = None | Sequence[str] | Sequence[torch.Tensor] | Callable[[str, torch.Tensor], bool]
+LossFn = Callable[[Any, Any], torch.Tensor]
+BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss (or its derivative) is NaN or infinite on some batch."""
+
+
+class _LossModule(nn.Module):
+    """Wraps ``model`` so that one ``functional_call`` computes one batch's loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, batch_loss: BatchLoss | None):
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+        self._batch_loss = batch_loss
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        if self._batch_loss is not None:
+            return self._batch_loss(self.model, batch)
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            kind = type(batch).__name__
+            length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            raise TypeError(
+                f"data: a batch is a {kind}{length}; loss_fn needs (inputs, targets) batches. "
+                "For other batches pass batch_loss=lambda model, batch: <scalar loss>"
+            )
+        inputs, targets = batch
+        return self._loss_fn(self.model(inputs), targets)  # type: ignore[misc]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def _select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Parameter]]:
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "params: the model has no trainable parameters (all requires_grad=False); "
+                "pass params=[names] to choose some explicitly"
+            )
+        return chosen
+    if callable(params) and not isinstance(params, nn.Module):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        items = list(params)
+        if not items:
+            raise ValueError("params: got an empty selection; pass None for all trainable ones")
+        if all(isinstance(x, str) for x in items):
+            by_name = dict(model.named_parameters(remove_duplicate=False))
+            by_name.update({n.removeprefix("module."): p for n, p in list(by_name.items())})
+            unknown = [x for x in items if x not in by_name]
+            if unknown:
+                raise ValueError(
+                    f"params: unknown parameter names {unknown[:5]}; "
+                    f"valid names are e.g. {[n for n, _ in named[:5]]}"
+                )
+            wanted = {id(by_name[x]) for x in items}
+        elif all(isinstance(x, torch.Tensor) for x in items):
+            wanted = {id(x) for x in items}
+            known = {id(p) for _, p in named}
+            if not wanted <= known:
+                raise ValueError("params: some tensors given are not parameters of the model")
+        else:
+            raise TypeError(
+                "params: expected None, a list of names, a list of parameter tensors or a "
+                f"predicate (name, param) -> bool; got {type(params).__name__}"
+            )
+        chosen = [(n, p) for n, p in named if id(p) in wanted]
+    if not chosen:
+        raise ValueError("params: the selection matches no parameter of the model")
+    return chosen
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}: got {value!r}; expected one of {choices}")
+
+
+class Objective:
+    """A model, a loss and data as exact functions of a flat parameter vector θ.
+
+    .. math::
+        L(\\theta) = \\frac{\\sum_b m_b \\ell_b(\\theta)}{\\sum_b m_b}
+        \\quad\\text{(reduction="mean"; "sum" drops the weights)}
+
+    Methods evaluate :math:`L`, :math:`\\nabla L` and :math:`\\nabla^2 L\\, v` over a full
+    pass of the data, on the model's device, in the model's dtype or ``dtype``.
+
+    Args:
+        model: any ``nn.Module`` (DDP / DataParallel wrappers are unwrapped).
+        loss_fn: ``loss_fn(model(inputs), targets)`` returning the batch *mean* loss (or the
+            batch sum with ``reduction="sum"``). Omit it when ``batch_loss`` is given.
+        data: a DataLoader, a re-iterable of batches, or one ``(inputs, targets)`` batch.
+        batch_loss: ``batch_loss(model, batch) -> scalar`` replacing ``loss_fn`` for dict
+            batches or models whose call is not ``model(inputs)``.
+        params: which parameters form θ: ``None`` (all with ``requires_grad``), names,
+            parameter tensors, or a predicate ``(name, param) -> bool``.
+        reduction: ``"mean"`` (size-weighted mean over batches) or ``"sum"``.
+        train: evaluate in train mode (dropout on, BatchNorm batch statistics). Buffers the
+            forward pass would update are copies; the model's own stay as they are.
+        max_batches: use only the first ``max_batches`` batches of every pass.
+        batch_size: ``batch_size(batch) -> int``; default: leading dimension of the inputs.
+        dtype: compute in this floating dtype (e.g. ``torch.float64``); default: the model's.
+        hvp_mode: ``"forward"`` (forward-over-reverse, ``torch.func.jvp`` of ``grad``),
+            ``"reverse"`` (double backward) or ``"auto"`` (forward, falling back to reverse
+            when the model does not support forward-mode AD). Both are exact.
+        data_seed: the seed every pass starts from, so shuffling loaders replay the same
+            batches and random augmentations are the same in every pass.
+        process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
+            data; default: the world group when one is initialized, else none.
+
+    Raises:
+        TypeError, ValueError: with the argument named, for bad input.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        data: Any = None,
+        *,
+        batch_loss: BatchLoss | None = None,
+        params: ParamSpec = None,
+        reduction: Literal["mean", "sum"] = "mean",
+        train: bool = False,
+        max_batches: int | None = None,
+        batch_size: Callable[[Any], int] | None = None,
+        dtype: torch.dtype | None = None,
+        hvp_mode: Literal["auto", "forward", "reverse"] = "auto",
+        data_seed: int = 0,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if (loss_fn is None) == (batch_loss is None):
+            raise TypeError(
+                "loss_fn / batch_loss: pass exactly one: loss_fn(outputs, targets) or "
+                "batch_loss(model, batch)"
+            )
+        for name, fn in (("loss_fn", loss_fn), ("batch_loss", batch_loss)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
+        _check_choice("reduction", reduction, ("mean", "sum"))
+        _check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse"))
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if batch_size is not None and not callable(batch_size):
+            raise TypeError(f"batch_size: expected a callable(batch) -> int, got {batch_size!r}")
+        if not isinstance(data_seed, int):
+            raise TypeError(f"data_seed: expected an int, got {type(data_seed).__name__}")
+
+        self.model = _unwrap(model)
+        self.data = DataSource(data, max_batches=max_batches)
+        self.reduction = reduction
+        self.train = bool(train)
+        self.hvp_mode = hvp_mode
+        self.data_seed = data_seed
+        self._size_fn = batch_size
+        self._module = _LossModule(self.model, loss_fn, batch_loss)
+        self._group = _dist.resolve_group(process_group)
+
+        chosen = _select_params(self.model, params)
+        self.names: list[str] = [n for n, _ in chosen]
+        self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
+        self.numels: list[int] = [p.numel() for _, p in chosen]
+        self._param_dtypes = [p.dtype for _, p in chosen]
+        for n, p in chosen:
+            if not p.is_floating_point():
+                raise TypeError(f"params: parameter {n!r} has dtype {p.dtype}; expected floating")
+        first = chosen[0][1]
+        self.device: torch.device = first.device
+        self.dtype: torch.dtype = dtype or _promote([p.dtype for _, p in chosen])
+        self._cast = dtype
+        self.n: int = sum(self.numels)
+        chosen_ids = {id(p) for _, p in chosen}
+        # Parameters outside θ and all buffers enter as constants (detached; cast if asked).
+        self._fixed_params = {n: p for n, p in self.model.named_parameters() if id(p) not in chosen_ids}
+        self._buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            self.theta0: torch.Tensor = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in chosen])
+        _dist.check_same_size(self._group, self.n)
+        self.n_loss = 0
+        self.n_grad = 0
+        self.n_hvp = 0
+        self.n_passes = 0
+        self._forward_ok: bool | None = None if hvp_mode == "auto" else hvp_mode == "forward"
+
+    # ------------------------------------------------------------------ flat <-> dict
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector into parameter-shaped tensors keyed like ``named_parameters``."""
+        theta = self._as_vector(theta, "theta")
+        pieces = torch.split(theta, self.numels)
+        return {n: t.view(s) for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate parameter-shaped tensors (keyed like θ's names) into a flat vector."""
+        if not isinstance(tensors, dict):
+            raise TypeError(f"expected a dict of tensors keyed by name, got {type(tensors).__name__}")
+        missing = [n for n in self.names if n not in tensors]
+        extra = [k for k in tensors if k not in set(self.names)]
+        if missing or extra:
+            raise ValueError(
+                f"dict keys do not match the parameters: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        out = []
+        for n, s in zip(self.names, self.shapes, strict=True):
+            t = torch.as_tensor(tensors[n])
+            if t.shape != s:
+                raise ValueError(f"tensor {n!r} has shape {tuple(t.shape)}; expected {tuple(s)}")
+            out.append(t.reshape(-1).to(device=self.device, dtype=self.dtype))
+        return torch.cat(out)
+
+    def _as_vector(self, v: Any, name: str) -> torch.Tensor:
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(v).__name__}")
+        if v.ndim != 1 or v.shape[0] != self.n:
+            raise ValueError(
+                f"{name}: got shape {tuple(v.shape)}; expected a flat vector of shape ({self.n},) "
+                "(use objective.flatten(dict) for parameter-shaped tensors)"
+            )
+        if v.device != self.device or v.dtype != self.dtype:
+            v = v.to(device=self.device, dtype=self.dtype)
+        return v
+
+    def _theta(self, theta: Any) -> torch.Tensor:
+        return self.theta0 if theta is None else self._as_vector(theta, "theta")
+
+    # ------------------------------------------------------------------ one batch
+    def _state(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors to call the wrapped model with: θ's pieces, constants, buffer copies."""
+        pieces = torch.split(theta, self.numels)
+        state: dict[str, torch.Tensor] = {}
+        for n, t, s, dt in zip(self.names, pieces, self.shapes, self._param_dtypes, strict=True):
+            t = t.view(s)
+            state["model." + n] = t if self._cast is not None else t.to(dt)
+        for n, p in self._fixed_params.items():
+            state["model." + n] = self._const(p.detach())
+        for n, b in self._buffers.items():
+            # A copy: train-mode forward passes update running statistics in place.
+            state["model." + n] = self._const(b).clone()
+        return state
+
+    def _const(self, t: torch.Tensor) -> torch.Tensor:
+        if self._cast is not None and t.is_floating_point():
+            return t.to(self._cast)
+        return t
+
+    def _batch_loss(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        loss = functional_call(self._module, self._state(theta), (batch,), tie_weights=True, strict=False)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn: the loss of a batch has shape {shape}; it must be a scalar "
+                "(use a reduction='mean' criterion, or reduction='sum' here for summed losses)"
+            )
+        return loss.reshape(())
+
+    # ------------------------------------------------------------------ passes
+    def _pass(
+        self,
+        per_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]],
+        what: str,
+        with_extra: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass (SPEC §0), reduced over ranks."""
+        total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        total_extra = torch.zeros(self.n, dtype=self.dtype, device=self.device) if with_extra else None
+        losses: list[torch.Tensor] = []
+        extras_finite: list[torch.Tensor] = []
+        total_size = 0
+        with model_guard(self.model):
+            self.model.train(self.train)
+            saved = self.data.save_generators()
+            try:
+                seed_everything(self.data_seed)
+                for batch in self.data:
+                    size = batch_size_of(batch, self._size_fn)
+                    batch = move_batch(batch, self.device, self._cast)
+                    loss, extra = per_batch(batch)
+                    w = float(size) if self.reduction == "mean" else 1.0
+                    loss = loss.detach()
+                    losses.append(loss)
+                    total_loss = total_loss + w * loss.to(self.dtype)
+                    if total_extra is not None and extra is not None:
+                        extra = extra.detach()
+                        extras_finite.append(torch.isfinite(extra).all())
+                        total_extra = total_extra + w * extra
+                    total_size += size
+            finally:
+                self.data.restore_generators(saved)
+        self.n_passes += 1
+        # One host synchronization per pass, not one per batch.
+        finite = torch.isfinite(torch.stack(losses)) if losses else torch.ones(1, dtype=torch.bool)
+        ok = bool(finite.all() & torch.stack(extras_finite).all()) if extras_finite else bool(finite.all())
+        total_loss, total_extra, total_size, n_empty, n_bad = _dist.all_reduce_sums(
+            self._group, total_loss, total_extra, total_size, empty=not losses, bad=not ok
+        )
+        if n_empty:
+            where = "" if self._group is None else f" on {n_empty} rank(s); every rank needs a shard"
+            raise ValueError(f"data: the data yielded no batches{where}; pass at least one batch")
+        if n_bad:
+            bad = (~finite).nonzero()
+            if not ok and bad.numel():
+                i = int(bad[0, 0])
+                raise NonFiniteLossError(
+                    f"the loss is {losses[i].item()} on batch {i} (of {len(losses)}) while "
+                    f"computing the {what}; check the model, the data and the parameters"
+                )
+            where = "on this rank" if not ok else "on another rank"
+            raise NonFiniteLossError(f"the {what} is not finite ({where})")
+        scale = 1.0 / total_size if self.reduction == "mean" else 1.0
+        return total_loss * scale, None if total_extra is None else total_extra * scale
+
+    # ------------------------------------------------------------------ public evaluations
+    def loss(self, theta: Any = None) -> torch.Tensor:
+        """L(θ) over one full pass (a 0-d tensor). ``theta=None`` means the model's θ."""
+        theta = self._theta(theta)
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, None]:
+            with torch.no_grad():
+                return self._batch_loss(theta, batch), None
+
+        self.n_loss += 1
+        return self._pass(per_batch, "loss", with_extra=False)[0]
+
+    def loss_and_grad(self, theta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L(θ), ∇L(θ)) over one full pass."""
+        theta = self._theta(theta).detach()
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.enable_grad():
+                leaf = theta.detach().requires_grad_(True)
+                loss = self._batch_loss(leaf, batch)
+                (g,) = torch.autograd.grad(loss, leaf)
+            return loss, g
+
+        self.n_grad += 1
+        loss, grad = self._pass(per_batch, "gradient", with_extra=True)
+        assert grad is not None
+        return loss, grad
+
+    def grad(self, theta: Any = None) -> torch.Tensor:
+        """∇L(θ) over one full pass."""
+        return self.loss_and_grad(theta)[1]
+
+    def hvp(self, v: Any, theta: Any = None) -> torch.Tensor:
+        """The Hessian-vector product ∇²L(θ) v over one full pass (exact)."""
+        v = self._as_vector(v, "v")
+        theta = self._theta(theta).detach()
+        if self._forward_ok is None:
+            try:
+                out = self._hvp(v, theta, forward=True)
+            except NonFiniteLossError:
+                raise
+            except (RuntimeError, NotImplementedError, TypeError):
+                self._forward_ok = False
+                return self._hvp(v, theta, forward=False)
+            self._forward_ok = True
+            return out
+        return self._hvp(v, theta, forward=self._forward_ok)
+
+    def _hvp(self, v: torch.Tensor, theta: torch.Tensor, *, forward: bool) -> torch.Tensor:
+        if forward:
+
+            def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                def f(t: torch.Tensor) -> torch.Tensor:
+                    return self._batch_loss(t, batch)
+
+                (g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                return loss, hv
+
+        else:
+
+            def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                with torch.enable_grad():
+                    leaf = theta.detach().requires_grad_(True)
+                    loss = self._batch_loss(leaf, batch)
+                    (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+                    (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v)
+                return loss, hv
+
+        self.n_hvp += 1
+        hv = self._pass(per_batch, "Hessian-vector product", with_extra=True)[1]
+        assert hv is not None
+        return hv
+
+    @property
+    def hvp_mode_used(self) -> str | None:
+        """ "forward" or "reverse" once the first HVP has run in ``"auto"`` mode, else None."""
+        if self._forward_ok is None:
+            return None
+        return "forward" if self._forward_ok else "reverse"
+
+    def __repr__(self) -> str:
+        return (
+            f"Objective(n={self.n}, dtype={self.dtype}, device={self.device}, "
+            f"reduction={self.reduction!r}, train={self.train})"
+        )
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
+    """Raise a ValueError/TypeError naming ``name`` unless ``value`` is a positive number."""
+    if value is None and allow_none:
+        return
+    kind = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an int" if integer else "a number"
+        raise TypeError(f"{name}: expected {what} > 0, got {value!r}")
+    if not value > 0 or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{name}: got {value!r}; expected a finite value > 0")
