@@ -146,7 +146,7 @@ def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
 
     def f(theta):
         pieces = torch.split(theta, numels)
-        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes)}
+        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=False)}
         out = torch.func.functional_call(model, {**params, **others, **buffers}, (x.double(),))
         return loss_fn(out, y)
 

@@ -78,7 +78,7 @@ def all_reduce_sums(
     dist.all_reduce(buf, group=group)
     buf = buf.to(flat.device)
     out_extra = None if extra is None else buf[4:].view_as(extra)
-    return buf[0], out_extra, int(round(float(buf[1]))), int(round(float(buf[2]))), int(round(float(buf[3])))
+    return buf[0], out_extra, round(float(buf[1])), round(float(buf[2])), round(float(buf[3]))
 
 
 def broadcast(group: Any, t: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -412,7 +412,7 @@ class Objective:
                 def f(t: torch.Tensor) -> torch.Tensor:
                     return self._batch_loss(t, batch)
 
-                (g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
                 return loss, hv
 
         else:
