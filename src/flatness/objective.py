@@ -306,11 +306,19 @@ class Objective:
         self,
         per_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]],
         what: str,
-        with_extra: bool,
+        extra_numel: int | None,
+        check_finite: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass (SPEC §0), reduced over ranks."""
+        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass (SPEC §0), reduced over ranks.
+
+        ``per_batch(batch)`` returns the batch's scalar loss and a flat ``extra`` tensor of
+        ``extra_numel`` numbers (gradient, HVP, per-point losses...) or None. With
+        ``check_finite=False`` non-finite values pass through (landscape grids keep NaN).
+        """
         total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        total_extra = torch.zeros(self.n, dtype=self.dtype, device=self.device) if with_extra else None
+        total_extra = (
+            None if extra_numel is None else torch.zeros(extra_numel, dtype=self.dtype, device=self.device)
+        )
         losses: list[torch.Tensor] = []
         extras_finite: list[torch.Tensor] = []
         total_size = 0
@@ -328,8 +336,9 @@ class Objective:
                     losses.append(loss)
                     total_loss = total_loss + w * loss.to(self.dtype)
                     if total_extra is not None and extra is not None:
-                        extra = extra.detach()
-                        extras_finite.append(torch.isfinite(extra).all())
+                        extra = extra.detach().reshape(-1).to(self.dtype)
+                        if check_finite:
+                            extras_finite.append(torch.isfinite(extra).all())
                         total_extra = total_extra + w * extra
                     total_size += size
             finally:
@@ -337,7 +346,12 @@ class Objective:
         self.n_passes += 1
         # One host synchronization per pass, not one per batch.
         finite = torch.isfinite(torch.stack(losses)) if losses else torch.ones(1, dtype=torch.bool)
-        ok = bool(finite.all() & torch.stack(extras_finite).all()) if extras_finite else bool(finite.all())
+        if not check_finite:
+            ok = True
+        elif extras_finite:
+            ok = bool(finite.all() & torch.stack(extras_finite).all())
+        else:
+            ok = bool(finite.all())
         total_loss, total_extra, total_size, n_empty, n_bad = _dist.all_reduce_sums(
             self._group, total_loss, total_extra, total_size, empty=not losses, bad=not ok
         )
@@ -367,7 +381,7 @@ class Objective:
                 return self._batch_loss(theta, batch), None
 
         self.n_loss += 1
-        return self._pass(per_batch, "loss", with_extra=False)[0]
+        return self._pass(per_batch, "loss", extra_numel=None)[0]
 
     def loss_and_grad(self, theta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(L(θ), ∇L(θ)) over one full pass."""
@@ -381,7 +395,7 @@ class Objective:
             return loss, g
 
         self.n_grad += 1
-        loss, grad = self._pass(per_batch, "gradient", with_extra=True)
+        loss, grad = self._pass(per_batch, "gradient", extra_numel=self.n)
         assert grad is not None
         return loss, grad
 
@@ -426,7 +440,7 @@ class Objective:
                 return loss, hv
 
         self.n_hvp += 1
-        hv = self._pass(per_batch, "Hessian-vector product", with_extra=True)[1]
+        hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
         assert hv is not None
         return hv
 

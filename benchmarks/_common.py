@@ -1,0 +1,109 @@
+"""Shared benchmark problems and timing, so every benchmark measures the same models.
+
+Run benchmarks as scripts from the repository root, e.g. ``python benchmarks/bench_hvp.py``.
+They print ratios against a floor (one full-data gradient pass) and never run under pytest.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, device="cpu") -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_mlp(d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+    )
+
+
+class SmallCNN(nn.Module):
+    """Two conv + BatchNorm + ReLU + pool blocks and a linear head (28×28 inputs): ~20k params."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(32 * 7 * 7, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:
+    """A few train-mode passes so BatchNorm running statistics are realistic."""
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            model(x[i : i + 256])
+    model.eval()
+
+
+def mlp_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0):
+    """(model, loss_fn, batches) for the benchmark MLP on synthetic 64-d data."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = make_mlp().to(device)
+    x = torch.randn(n, 64, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return model, nn.functional.cross_entropy, _batches(x.to(device), y.to(device), batch_size)
+
+
+def cnn_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0):
+    """(model, loss_fn, batches) for the benchmark CNN with BatchNorm on synthetic 28×28 images."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallCNN().to(device)
+    x = torch.randn(n, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (n,), generator=g).to(device)
+    _warm_bn(model, x)
+    return model, nn.functional.cross_entropy, _batches(x, y, batch_size)
+
+
+def gradient_pass_time(model, loss_fn, batches, *, repeat: int = 5, device="cpu") -> float:
+    """The floor: one plain full-data gradient pass (loss.backward() per batch)."""
+
+    def run() -> None:
+        for p in model.parameters():
+            p.grad = None
+        for xb, yb in batches:
+            loss_fn(model(xb), yb).backward()
+
+    t = timeit(run, repeat=repeat, device=device)
+    for p in model.parameters():
+        p.grad = None
+    return t
