@@ -147,7 +147,8 @@ class Objective:
         dtype: compute in this floating dtype (e.g. ``torch.float64``); default: the model's.
         hvp_mode: ``"forward"`` (forward-over-reverse, ``torch.func.jvp`` of ``grad``),
             ``"reverse"`` (double backward) or ``"auto"`` (forward, falling back to reverse
-            when the model does not support forward-mode AD). Both are exact.
+            when the model or loss does not support forward-mode AD; e.g. ``F.mse_loss``
+            under ``jvp(grad)`` fails in torch 2.13). Both are exact.
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
             batches and random augmentations are the same in every pass.
         process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
