@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cnn_problem, gradient_pass_time, mlp_problem, timeit  # noqa: E402
+from _common import cnn_problem, gradient_pass_time, mlp_problem, timeit
 
-from flatness import Objective  # noqa: E402
+from flatness import Objective
 
 
 def pyhessian_style_hvp(model, loss_fn, batches, v_list):
@@ -52,7 +52,9 @@ def run(name, problem, device, repeat):
     rows.append(
         (
             "PyHessian-style hvp",
-            timeit(lambda: pyhessian_style_hvp(model, loss_fn, batches, v_list), repeat=repeat, device=device),
+            timeit(
+                lambda: pyhessian_style_hvp(model, loss_fn, batches, v_list), repeat=repeat, device=device
+            ),
         )
     )
     print(f"\n{name} ({obj.n} parameters, {sum(len(b[0]) for b in batches)} samples, {device})")
