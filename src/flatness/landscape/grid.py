@@ -259,9 +259,9 @@ def _run_grid(
             done[group] = True
             evaluated += m
             n_passes += 1
-            bar.update(m, loss=float(np.nanmin(losses_np)) if np.isfinite(losses_np).any() else float("nan"))
             if checkpoint is not None:
                 result().save(checkpoint)
+            bar.update(m, loss=float(np.nanmin(losses_np)) if np.isfinite(losses_np).any() else float("nan"))
     finally:
         bar.close()
     out = result()
