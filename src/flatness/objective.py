@@ -486,7 +486,8 @@ class Objective:
                 averaged over batches like the loss. Needs the ``loss_fn`` path.
             vectorize: ``"auto"`` (vmap, falling back to the loop when the model does not
                 support it), ``True`` (vmap; errors propagate) or ``False`` (loop).
-            chunk_size: points per vmap call (memory grows with it); default 32.
+            chunk_size: points per vmap call (memory grows with it); default: as many as keep
+                an estimated 64 activations per input number under ~512 MiB per call.
 
         Returns:
             ``(losses, metric_values)``: a ``(k,)`` tensor and ``{name: (k,) tensor}``.
@@ -543,7 +544,7 @@ class Objective:
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
         ):
             raise ValueError(f"chunk_size: got {chunk_size!r}; expected a positive int or None")
-        chunk = chunk_size or 32
+        chunk_box = {"size": chunk_size}
         names = list(metrics)
         width = 1 + len(names)
         loss_fn = self._module._loss_fn
@@ -573,6 +574,14 @@ class Objective:
             )
 
         def run_vmap(batch: Any) -> torch.Tensor:
+            if chunk_box["size"] is None:
+                # Activations scale with the inputs; a rough, safe bound keeps memory in check.
+                from flatness._data import _first_tensor
+
+                first = _first_tensor(batch)
+                per_point = 64 * (first.numel() * first.element_size() if first is not None else 1 << 20)
+                chunk_box["size"] = max(1, min(k, (1 << 29) // max(per_point, 1)))
+            chunk = chunk_box["size"]
             pieces = []
             for start in range(0, k, chunk):
                 sl = slice(start, start + chunk)
