@@ -485,7 +485,8 @@ class Objective:
             metrics: optional ``{name: metric(outputs, targets) -> scalar}`` (e.g. accuracy),
                 averaged over batches like the loss. Needs the ``loss_fn`` path.
             vectorize: ``"auto"`` (vmap, falling back to the loop when the model does not
-                support it), ``True`` (vmap; errors propagate) or ``False`` (loop).
+                support it or when fewer than 16 points fit one call by the memory estimate and
+                no ``chunk_size`` is given), ``True`` (vmap; errors propagate) or ``False`` (loop).
             chunk_size: points per vmap call (memory grows with it); default: as many as keep
                 an estimated 64 activations per input number under ~512 MiB per call.
 
@@ -573,14 +574,17 @@ class Objective:
                 ]
             )
 
+        def auto_chunk(batch: Any) -> int:
+            # Activations scale with the inputs; a rough, safe bound keeps memory in check.
+            from flatness._data import _first_tensor
+
+            first = _first_tensor(batch)
+            per_point = 64 * (first.numel() * first.element_size() if first is not None else 1 << 20)
+            return max(1, (1 << 29) // max(per_point, 1))
+
         def run_vmap(batch: Any) -> torch.Tensor:
             if chunk_box["size"] is None:
-                # Activations scale with the inputs; a rough, safe bound keeps memory in check.
-                from flatness._data import _first_tensor
-
-                first = _first_tensor(batch)
-                per_point = 64 * (first.numel() * first.element_size() if first is not None else 1 << 20)
-                chunk_box["size"] = max(1, min(k, (1 << 29) // max(per_point, 1)))
+                chunk_box["size"] = min(k, auto_chunk(batch))
             chunk = chunk_box["size"]
             pieces = []
             for start in range(0, k, chunk):
@@ -613,6 +617,10 @@ class Objective:
 
         def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
+                if mode["vmap"] is None and chunk_size is None and k > 1 and auto_chunk(batch) < 16:
+                    # Few points fit one call: per-point work dominates and batched kernels
+                    # (e.g. grouped convolutions) are slower than the loop (benchmarks/).
+                    mode["vmap"] = False
                 if mode["vmap"] is None:
                     try:
                         out = run_vmap(batch)
