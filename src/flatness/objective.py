@@ -458,6 +458,190 @@ class Objective:
             f"reduction={self.reduction!r}, train={self.train})"
         )
 
+    # ------------------------------------------------------------------ many points, one pass
+    def evaluate_many(
+        self,
+        thetas: Any,
+        *,
+        buffers: dict[str, torch.Tensor] | None = None,
+        metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
+        vectorize: bool | Literal["auto"] = "auto",
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L(θ_i) and size-weighted metrics at k points θ_1..θ_k in one pass over the data.
+
+        .. math::
+            L(\\theta_i) = \\frac{\\sum_b m_b \\ell_b(\\theta_i)}{\\sum_b m_b},\\qquad
+            M(\\theta_i) = \\frac{\\sum_b m_b\\, \\mathrm{metric}(f_{\\theta_i}(x_b), y_b)}{\\sum_b m_b}
+
+        Each batch is fetched once and evaluated at all k points: with ``torch.func.vmap`` over
+        the points (chunks of ``chunk_size``) where the model allows it (eval mode, no random
+        or data-dependent ops), else a loop over the points; the numbers agree to float
+        rounding. Non-finite values are returned as they are (NaN / inf), not raised.
+
+        Args:
+            thetas: a ``(k, n)`` tensor or array of flat parameter vectors.
+            buffers: optional per-point buffer values, ``{name: tensor of shape (k, *buffer.shape)}``
+                (e.g. interpolated BatchNorm statistics); other buffers are the model's.
+            metrics: optional ``{name: metric(outputs, targets) -> scalar}`` (e.g. accuracy),
+                averaged over batches like the loss. Needs the ``loss_fn`` path.
+            vectorize: ``"auto"`` (vmap, falling back to the loop when the model does not
+                support it or when fewer than 16 points fit one call by the memory estimate and
+                no ``chunk_size`` is given), ``True`` (vmap; errors propagate) or ``False`` (loop).
+            chunk_size: points per vmap call (memory grows with it); default: as many as keep
+                an estimated 64 activations per input number under ~512 MiB per call.
+
+        Returns:
+            ``(losses, metric_values)``: a ``(k,)`` tensor and ``{name: (k,) tensor}``.
+            ``self.last_vectorized`` tells which path ran.
+
+        Raises:
+            TypeError: metrics with ``batch_loss``, or arguments of the wrong type.
+            ValueError: wrong shapes, unknown buffer names, ``vectorize=True`` with ``train=True``.
+        """
+        if isinstance(thetas, np.ndarray):
+            thetas = torch.from_numpy(thetas)
+        if not isinstance(thetas, torch.Tensor):
+            raise TypeError(f"thetas: expected a (k, n) tensor or array, got {type(thetas).__name__}")
+        if thetas.ndim != 2 or thetas.shape[1] != self.n or thetas.shape[0] == 0:
+            raise ValueError(f"thetas: got shape {tuple(thetas.shape)}; expected (k, {self.n}) with k >= 1")
+        thetas = thetas.detach().to(device=self.device, dtype=self.dtype)
+        k = thetas.shape[0]
+        bufs: dict[str, torch.Tensor] = {}
+        if buffers is not None:
+            if not isinstance(buffers, dict):
+                raise TypeError(
+                    f"buffers: expected a dict name -> (k, ...) tensor, got {type(buffers).__name__}"
+                )
+            for name, value in buffers.items():
+                if name not in self._buffers:
+                    raise ValueError(
+                        f"buffers: unknown buffer {name!r}; the model has {list(self._buffers)[:5]}"
+                    )
+                ref = self._buffers[name]
+                value = torch.as_tensor(value)
+                if tuple(value.shape) != (k, *ref.shape):
+                    raise ValueError(
+                        f"buffers: {name!r} has shape {tuple(value.shape)}; expected {(k, *ref.shape)}"
+                    )
+                bufs[name] = self._const(value.detach().to(device=ref.device, dtype=ref.dtype))
+        metrics = dict(metrics or {})
+        for name, fn in metrics.items():
+            if not callable(fn):
+                raise TypeError(
+                    f"metrics: {name!r} is a {type(fn).__name__}; expected metric(outputs, targets)"
+                )
+        if metrics and self._module._batch_loss is not None:
+            raise TypeError(
+                "metrics: metrics need model outputs, which the batch_loss path does not expose; "
+                "pass loss_fn(outputs, targets) instead of batch_loss to use metrics"
+            )
+        if vectorize not in ("auto", True, False):
+            raise ValueError(f"vectorize: got {vectorize!r}; expected 'auto', True or False")
+        if vectorize is True and self.train:
+            raise ValueError(
+                "vectorize: True is not possible with train=True (in-place buffer updates, dropout)"
+            )
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+        ):
+            raise ValueError(f"chunk_size: got {chunk_size!r}; expected a positive int or None")
+        chunk_box = {"size": chunk_size}
+        names = list(metrics)
+        width = 1 + len(names)
+        loss_fn = self._module._loss_fn
+
+        def values(theta: torch.Tensor, point_bufs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            state = self._state(theta)
+            for bname, b in point_bufs.items():
+                state["model." + bname] = b.clone() if self.train else b
+            if not names:
+                loss = functional_call(self._module, state, (batch,), tie_weights=True, strict=False)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                    raise ValueError(f"loss_fn: the loss of a batch has shape {shape}; it must be a scalar")
+                return loss.reshape(1).to(self.dtype)
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError("data: metrics need (inputs, targets) batches")
+            inputs, targets = batch
+            model_state = {key[len("model.") :]: v for key, v in state.items()}
+            outputs = functional_call(self.model, model_state, (inputs,), tie_weights=True, strict=False)
+            out = [loss_fn(outputs, targets)]  # type: ignore[misc]
+            out += [metrics[m](outputs, targets) for m in names]
+            return torch.stack(
+                [
+                    (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))).reshape(()).to(self.dtype)
+                    for v in out
+                ]
+            )
+
+        def auto_chunk(batch: Any) -> int:
+            # Activations scale with the inputs; a rough, safe bound keeps memory in check.
+            from flatness._data import _first_tensor
+
+            first = _first_tensor(batch)
+            per_point = 64 * (first.numel() * first.element_size() if first is not None else 1 << 20)
+            return max(1, (1 << 29) // max(per_point, 1))
+
+        def run_vmap(batch: Any) -> torch.Tensor:
+            if chunk_box["size"] is None:
+                chunk_box["size"] = min(k, auto_chunk(batch))
+            chunk = chunk_box["size"]
+            pieces = []
+            for start in range(0, k, chunk):
+                sl = slice(start, start + chunk)
+                chunk_bufs = {bname: b[sl] for bname, b in bufs.items()}
+                fn = torch.func.vmap(lambda t, pb: values(t, pb, batch), in_dims=(0, 0), randomness="error")
+                pieces.append(fn(thetas[sl], chunk_bufs))
+            return torch.cat(pieces)
+
+        def run_loop(batch: Any) -> torch.Tensor:
+            # In train mode every point replays the batch's random stream, as a single-θ pass would.
+            replay = self.train and k > 1
+            rng = torch.random.get_rng_state() if replay else None
+            cuda = torch.cuda.get_rng_state_all() if replay and torch.cuda.is_initialized() else None
+            rows = []
+            for i in range(k):
+                if replay:
+                    torch.random.set_rng_state(rng)  # type: ignore[arg-type]
+                    if cuda is not None:
+                        torch.cuda.set_rng_state_all(cuda)
+                rows.append(values(thetas[i], {bname: b[i] for bname, b in bufs.items()}, batch))
+            return torch.stack(rows)
+
+        # Whether vmap works depends on the model and on the metrics: remember it per kind of call.
+        key = (tuple(names), tuple(bufs))
+        cached = self.__dict__.setdefault("_vmap_ok", {}).get(key)
+        mode = {
+            "vmap": False if (vectorize is False or self.train) else (True if vectorize is True else cached)
+        }
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                if mode["vmap"] is None and chunk_size is None and k > 1 and auto_chunk(batch) < 16:
+                    # Few points fit one call: per-point work dominates and batched kernels
+                    # (e.g. grouped convolutions) are slower than the loop (benchmarks/).
+                    mode["vmap"] = False
+                if mode["vmap"] is None:
+                    try:
+                        out = run_vmap(batch)
+                        mode["vmap"] = True
+                    except Exception:
+                        mode["vmap"] = False
+                        out = run_loop(batch)
+                else:
+                    out = run_vmap(batch) if mode["vmap"] else run_loop(batch)
+            return torch.zeros((), dtype=self.dtype, device=self.device), out.reshape(-1)
+
+        self.n_loss += k
+        _, total = self._pass(per_batch, "losses", extra_numel=k * width, check_finite=False)
+        assert total is not None
+        if vectorize == "auto" and not self.train and mode["vmap"] is not None:
+            self.__dict__["_vmap_ok"][key] = mode["vmap"]
+        self.last_vectorized = bool(mode["vmap"])
+        table = total.reshape(k, width)
+        return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
+
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     out = dtypes[0]

@@ -1,0 +1,223 @@
+"""Plots of landscapes and spectra (optional: ``pip install "flatness[plot]"``).
+
+matplotlib is imported when a plot function is called, never at ``import flatness``.
+Every function draws on ``ax`` (a new figure when None) and returns the Axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["plot_1d", "plot_contour", "plot_density", "plot_spectrum", "plot_surface"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError('flatness.plot needs matplotlib: pip install "flatness[plot]"') from e
+    return plt
+
+
+def _array(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected an array of numbers, got {type(x).__name__}") from e
+
+
+def _new_ax(ax: Any, projection: str | None = None) -> Any:
+    if ax is not None:
+        return ax
+    plt = _pyplot()
+    fig = plt.figure()
+    return fig.add_subplot(projection=projection) if projection else fig.add_subplot()
+
+
+def _grid_2d(result: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    betas = getattr(result, "betas", None)
+    if betas is None:
+        raise TypeError(f"result: expected a 2-D landscape (with betas), got {type(result).__name__}")
+    loss = _array(result.loss, "result.loss")
+    return _array(result.alphas, "alphas"), _array(betas, "betas"), loss
+
+
+def plot_1d(
+    result: Any,
+    *,
+    ax: Any = None,
+    metric: str | None = None,
+    log: bool = False,
+    label: str | None = None,
+) -> Any:
+    """Loss against α for a 1-D landscape or an interpolation, with an optional metric axis.
+
+    Args:
+        result: an :class:`~flatness.landscape.Interpolation` / ``Landscape1D`` (or anything
+            with ``alphas`` and 1-D ``loss``).
+        ax: Axes to draw on; default a new figure.
+        metric: name of a metric in ``result.metrics`` (e.g. ``"accuracy"``) drawn on a
+            second y-axis (dashed).
+        log: logarithmic loss axis.
+        label: legend label of the loss curve.
+
+    Returns:
+        The Axes of the loss curve.
+
+    Raises:
+        ImportError: matplotlib is missing. KeyError: unknown metric. TypeError: not a 1-D result.
+    """
+    alphas, loss = _array(result.alphas, "alphas"), _array(result.loss, "loss")
+    if loss.ndim != 1:
+        raise TypeError(f"result: expected a 1-D landscape, got loss of shape {loss.shape}; use plot_contour")
+    ax = _new_ax(ax)
+    ax.plot(alphas, loss, "C0-", label=label or "loss")
+    ax.set_xlabel("α")
+    ax.set_ylabel("loss")
+    if log:
+        ax.set_yscale("log")
+    if metric is not None:
+        metrics = getattr(result, "metrics", {}) or {}
+        if metric not in metrics:
+            raise KeyError(f"metric: {metric!r} is not in the result; it has {sorted(metrics)}")
+        twin = ax.twinx()
+        twin.plot(alphas, _array(metrics[metric], metric), "C1--", label=metric)
+        twin.set_ylabel(metric)
+    return ax
+
+
+def plot_contour(
+    result: Any,
+    *,
+    ax: Any = None,
+    levels: int | Any = 20,
+    log: bool = False,
+    filled: bool = False,
+) -> Any:
+    """Contours of a 2-D landscape over (α, β) with the centre (0, 0) marked.
+
+    Args:
+        result: a ``Landscape2D`` (``alphas``, ``betas``, ``loss`` of shape len(α) × len(β)).
+        ax: Axes to draw on; default a new figure.
+        levels: number of contour levels or their values.
+        log: contour log10 of the loss (as Li et al. do for deep nets).
+        filled: filled contours (``contourf``) with a colour bar.
+
+    Returns:
+        The Axes.
+
+    Raises:
+        ImportError: matplotlib is missing. TypeError: not a 2-D result.
+    """
+    alphas, betas, loss = _grid_2d(result)
+    z = np.log10(np.where(loss > 0, loss, np.nan)) if log else loss
+    ax = _new_ax(ax)
+    b, a = np.meshgrid(betas, alphas)
+    z = np.ma.masked_invalid(z)
+    cs = (ax.contourf if filled else ax.contour)(a, b, z, levels=levels)
+    if filled:
+        ax.figure.colorbar(cs, ax=ax, label="log10 loss" if log else "loss")
+    else:
+        ax.clabel(cs, inline=True, fontsize=7)
+    ax.plot([0.0], [0.0], "k*", markersize=10, label="centre")
+    ax.set_xlabel("α (d₁)")
+    ax.set_ylabel("β (d₂)")
+    return ax
+
+
+def plot_surface(result: Any, *, ax: Any = None, log: bool = False, cmap: str = "viridis") -> Any:
+    """A 3-D surface of a 2-D landscape.
+
+    Args:
+        result: a ``Landscape2D``.
+        ax: a 3-D Axes (``projection="3d"``); default a new figure.
+        log: plot log10 of the loss.
+        cmap: matplotlib colour map.
+
+    Returns:
+        The 3-D Axes.
+
+    Raises:
+        ImportError: matplotlib is missing. TypeError: not a 2-D result.
+    """
+    alphas, betas, loss = _grid_2d(result)
+    z = np.log10(np.where(loss > 0, loss, np.nan)) if log else loss
+    ax = _new_ax(ax, projection="3d")
+    b, a = np.meshgrid(betas, alphas)
+    ax.plot_surface(a, b, z, cmap=cmap, linewidth=0, antialiased=True)
+    ax.set_xlabel("α")
+    ax.set_ylabel("β")
+    ax.set_zlabel("log10 loss" if log else "loss")
+    return ax
+
+
+def plot_spectrum(eigenvalues: Any, *, ax: Any = None, log: bool = False) -> Any:
+    """Hessian eigenvalues as a stem plot, largest first.
+
+    Args:
+        eigenvalues: an array / tensor, or an object with ``eigenvalues`` (e.g. a
+            ``hessian_topk`` result).
+        ax: Axes to draw on; default a new figure.
+        log: symmetric-log y-axis (eigenvalues can be negative).
+
+    Returns:
+        The Axes.
+
+    Raises:
+        ImportError: matplotlib is missing. ValueError: no eigenvalues.
+    """
+    values = _array(getattr(eigenvalues, "eigenvalues", eigenvalues), "eigenvalues").reshape(-1)
+    if values.size == 0:
+        raise ValueError("eigenvalues: got none")
+    values = np.sort(values)[::-1]
+    ax = _new_ax(ax)
+    ax.stem(np.arange(1, values.size + 1), values)
+    ax.set_xlabel("index")
+    ax.set_ylabel("eigenvalue")
+    if log:
+        ax.set_yscale("symlog")
+    return ax
+
+
+def plot_density(result: Any = None, density: Any = None, *, ax: Any = None, log: bool = True) -> Any:
+    """A spectral density φ(t) (e.g. from stochastic Lanczos quadrature) against t.
+
+    Ghorbani, Krishnan, Xiao, 2019, arXiv 1901.10159 plot it on a log scale.
+
+    Args:
+        result: an object with ``grid`` and ``density`` (a ``hessian_density`` result), or
+            the grid array itself (then pass ``density``).
+        density: the density values when ``result`` is the grid.
+        ax: Axes to draw on; default a new figure.
+        log: logarithmic density axis (values ≤ 0 are clipped to the smallest positive one).
+
+    Returns:
+        The Axes.
+
+    Raises:
+        ImportError: matplotlib is missing. ValueError: grid and density of different lengths.
+    """
+    if density is None:
+        if not (hasattr(result, "grid") and hasattr(result, "density")):
+            raise TypeError("result: pass an object with grid and density, or plot_density(grid, density)")
+        grid, density = result.grid, result.density
+    else:
+        grid = result
+    t, phi = _array(grid, "grid").reshape(-1), _array(density, "density").reshape(-1)
+    if t.shape != phi.shape or t.size == 0:
+        raise ValueError(f"grid, density: got lengths {t.size} and {phi.size}; expected equal and > 0")
+    ax = _new_ax(ax)
+    if log:
+        positive = phi[phi > 0]
+        floor = positive.min() if positive.size else 1e-12
+        ax.semilogy(t, np.maximum(phi, floor))
+    else:
+        ax.plot(t, phi)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    return ax

@@ -1,0 +1,90 @@
+"""Plots render from real results with the Agg backend; a clear error without matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import classification_data, make_mlp
+
+pytest.importorskip("matplotlib")
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from flatness import interpolate, landscape_2d
+from flatness import plot as fplot
+from flatness.landscape import accuracy
+
+ce = nn.functional.cross_entropy
+
+
+@pytest.fixture(scope="module")
+def results():
+    ma, mb = make_mlp(0), make_mlp(1)
+    data = classification_data()
+    line = interpolate(ma, mb, ce, data, alphas=np.linspace(-1, 2, 7), metrics={"accuracy": accuracy})
+    plane = landscape_2d(ma, ce, data, alphas=np.linspace(-1, 1, 5), betas=np.linspace(-1, 1, 4))
+    return line, plane
+
+
+def test_1d_with_accuracy_axis(results):
+    ax = fplot.plot_1d(results[0], metric="accuracy")
+    assert len(ax.figure.axes) == 2 and len(ax.lines) == 1
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), results[0].loss)
+    with pytest.raises(KeyError, match="metric"):
+        fplot.plot_1d(results[0], metric="nope")
+    with pytest.raises(TypeError, match="1-D"):
+        fplot.plot_1d(results[1])
+    plt.close("all")
+
+
+def test_contour_and_surface(results):
+    ax = fplot.plot_contour(results[1], log=True, filled=True)
+    star = [line for line in ax.lines if line.get_marker() == "*"]
+    assert star and tuple(star[0].get_xydata()[0]) == (0.0, 0.0)
+    assert fplot.plot_contour(results[1]).figure is not None
+    ax3 = fplot.plot_surface(results[1])
+    assert ax3.name == "3d"
+    with pytest.raises(TypeError, match="2-D"):
+        fplot.plot_contour(results[0])
+    plt.close("all")
+
+
+def test_spectrum_and_density_from_arrays_and_objects():
+    class Spectrum:
+        eigenvalues = torch.tensor([3.0, -1.0, 0.5])
+        grid = np.linspace(-2, 4, 50)
+        density = np.exp(-((np.linspace(-2, 4, 50) - 1) ** 2))
+
+    assert fplot.plot_spectrum(Spectrum()).figure is not None
+    assert fplot.plot_spectrum(np.array([1.0, 2.0]), log=True).figure is not None
+    assert fplot.plot_density(Spectrum()).figure is not None
+    assert fplot.plot_density(Spectrum.grid, Spectrum.density, log=False).figure is not None
+    with pytest.raises(ValueError, match="lengths"):
+        fplot.plot_density(np.arange(3), np.arange(4))
+    plt.close("all")
+
+
+def test_import_without_matplotlib_is_lazy_and_clear():
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.pyplot'] = None\n"
+        "import flatness, flatness.plot\n"
+        "try:\n    flatness.plot.plot_spectrum([1.0])\n"
+        "except ImportError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 'pip install "flatness[plot]"' in out.stdout
+    lazy = subprocess.run(
+        [sys.executable, "-c", "import sys, flatness; print('matplotlib' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert lazy.stdout.strip() == "False"
