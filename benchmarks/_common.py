@@ -107,3 +107,50 @@ def gradient_pass_time(model, loss_fn, batches, *, repeat: int = 5, device="cpu"
     for p in model.parameters():
         p.grad = None
     return t
+
+
+class _Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32×32 inputs (the CIFAR variant, 11.2M parameters); no torchvision needed."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, c = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Block(c, c_out, stride), _Block(c_out, c_out, 1)]
+            c = c_out
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.stem(x))
+        return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def resnet18_problem(n: int = 1024, batch_size: int = 128, device: str = "cpu", seed: int = 0):
+    """(model, loss_fn, batches) for ResNet-18 on synthetic 3×32×32 images."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ResNet18().to(device)
+    x = torch.randn(n, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (n,), generator=g).to(device)
+    _warm_bn(model, x)
+    return model, nn.functional.cross_entropy, _batches(x, y, batch_size)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cnn_problem, gradient_pass_time, mlp_problem, timeit
+from _common import cnn_problem, gradient_pass_time, mlp_problem, resnet18_problem, timeit
 
 from flatness import Objective
 
@@ -66,10 +66,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--resnet", action="store_true", help="also ResNet-18 (11M parameters; for GPUs)")
     args = parser.parse_args()
     torch.manual_seed(0)
     run("MLP", mlp_problem, args.device, args.repeat)
     run("CNN + BatchNorm", cnn_problem, args.device, args.repeat)
+    if args.resnet:
+        run("ResNet-18", resnet18_problem, args.device, args.repeat)
 
 
 if __name__ == "__main__":
