@@ -2,7 +2,26 @@
 
 from flatness.objective import NonFiniteLossError, Objective
 from flatness.operator import HessianOperator
+from flatness.sharpness import (
+    AdaptiveSharpnessResult,
+    AverageSharpnessResult,
+    SharpnessResult,
+    adaptive_sharpness,
+    average_sharpness,
+    sharpness,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianOperator", "NonFiniteLossError", "Objective", "__version__"]
+__all__ = [
+    "AdaptiveSharpnessResult",
+    "AverageSharpnessResult",
+    "HessianOperator",
+    "NonFiniteLossError",
+    "Objective",
+    "SharpnessResult",
+    "__version__",
+    "adaptive_sharpness",
+    "average_sharpness",
+    "sharpness",
+]
