@@ -34,12 +34,17 @@ class MaximizeResult:
     message: str
 
 
+class _EvaluationLimit(Exception):
+    """Raised by the tracker to stop an optimizer at its evaluation budget."""
+
+
 class _Tracker:
     """Counts evaluations, remembers the best point and caches the last one."""
 
-    def __init__(self, f_and_grad: FunAndGrad, n: int) -> None:
+    def __init__(self, f_and_grad: FunAndGrad, n: int, max_evals: int | None = None) -> None:
         self._f_and_grad = f_and_grad
         self._n = n
+        self._max_evals = max_evals
         self.nfev = 0
         self.best_f = -math.inf
         self.best_x: np.ndarray | None = None
@@ -48,6 +53,8 @@ class _Tracker:
     def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         if self._last is not None and np.array_equal(self._last[0], x):
             return self._last[1], self._last[2]
+        if self._max_evals is not None and self.nfev >= self._max_evals:
+            raise _EvaluationLimit
         f, g = self._f_and_grad(x)
         f = float(f)
         g = np.asarray(g, dtype=np.float64).reshape(-1)
@@ -93,7 +100,8 @@ def maximize_box(
         lower, upper: the box (``lower[i] == upper[i]`` fixes a coordinate).
         x0: the start, clipped into the box.
         max_iter: L-BFGS-B iterations (each takes one or more evaluations).
-        max_evals: cap on evaluations; default ``15000`` (scipy's).
+        max_evals: hard cap on evaluations (scipy's own ``maxfun`` lets a line search run
+            past it); default: none.
         ftol, gtol: scipy's stopping tolerances (relative decrease, projected gradient).
         memory: number of L-BFGS correction pairs.
 
@@ -112,34 +120,34 @@ def maximize_box(
         raise ValueError("lower, upper: expected lower <= upper elementwise")
     if max_iter < 1:
         raise ValueError(f"max_iter: got {max_iter}; expected an int >= 1")
-    tracker = _Tracker(f_and_grad, n)
+    if max_evals is not None and max_evals < 1:
+        raise ValueError(f"max_evals: got {max_evals}; expected an int >= 1 or None")
+    tracker = _Tracker(f_and_grad, n, max_evals)
+    iterations = [0]
 
     def negated(x: np.ndarray) -> tuple[float, np.ndarray]:
         f, g = tracker(x)
         return -f, -g
 
-    res = minimize(
-        negated,
-        np.clip(x0, lower, upper),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=Bounds(lower, upper),
-        options={
-            "maxiter": int(max_iter),
-            "maxfun": int(max_evals) if max_evals is not None else 15000,
-            "ftol": ftol,
-            "gtol": gtol,
-            "maxcor": memory,
-        },
-    )
+    def count(_xk: np.ndarray) -> None:
+        iterations[0] += 1
+
+    try:
+        res = minimize(
+            negated,
+            np.clip(x0, lower, upper),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=Bounds(lower, upper),
+            callback=count,
+            options={"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol, "maxcor": memory},
+        )
+        nit, status, message = int(res.nit), int(res.status), str(res.message)
+    except _EvaluationLimit:
+        nit, status, message = iterations[0], 1, f"evaluation limit reached (max_evals={max_evals})"
     assert tracker.best_x is not None
     return MaximizeResult(
-        x=tracker.best_x,
-        fun=tracker.best_f,
-        nfev=tracker.nfev,
-        nit=int(res.nit),
-        status=int(res.status),
-        message=str(res.message),
+        x=tracker.best_x, fun=tracker.best_f, nfev=tracker.nfev, nit=nit, status=status, message=message
     )
 
 

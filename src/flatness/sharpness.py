@@ -163,6 +163,20 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}: got {value}; expected an int >= {minimum}")
 
 
+def _max_evals(max_evals: Any, max_iter: int) -> int:
+    if max_evals is None:
+        return 3 * max_iter + 10
+    _check_int("max_evals", max_evals, 1)
+    return int(max_evals)
+
+
+def _check_tol(tol: Any) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"tol: expected a number >= 0, got {tol!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol: got {tol!r}; expected a finite number >= 0")
+
+
 def _check_seed(seed: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {seed!r}")
@@ -218,6 +232,8 @@ def sharpness(
     epsilon: float = 1e-3,
     subspace: int | torch.Tensor | np.ndarray | None = None,
     max_iter: int = 10,
+    max_evals: int | None = None,
+    tol: float = 1e-10,
     seed: int = 0,
     progress: ProgressArg = False,
     **options: Any,
@@ -245,7 +261,10 @@ def sharpness(
     given, A⁺x by a thin SVD. No n×n matrix is ever formed.
 
     Cost: ``n_evals`` loss+gradient passes over the data: one at x, then one per L-BFGS-B
-    evaluation (usually about ``max_iter`` plus line-search extras).
+    evaluation, at most ``max_evals`` (default ``3 * max_iter + 10``). On smooth losses an
+    iteration takes one or two evaluations; on ReLU networks, where the vertex start is close
+    to the box maximum, L-BFGS-B's line search may spend many evaluations on tiny gains, which
+    the cap bounds.
 
     Args:
         model: the network (left untouched).
@@ -255,6 +274,10 @@ def sharpness(
         subspace: None (full space, A = I), an int p (random A, the paper used p = 100) or
             an n×p matrix.
         max_iter: L-BFGS-B iterations (paper: 10).
+        max_evals: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
+        tol: L-BFGS-B stops when the loss rises by less than ``tol * max(|f|, 1)`` in an
+            iteration (scipy's ``ftol``); lower it (e.g. 1e-15) with a large ``max_iter`` to
+            solve to machine precision.
         seed: seeds the random subspace and the random start signs (a local generator).
         progress: False, True (a line on stderr) or a callable ``(step, total, info)``.
         **options: forwarded to :class:`flatness.Objective` (``params``, ``reduction``,
@@ -270,7 +293,9 @@ def sharpness(
         NonFiniteLossError: the loss is not finite on some batch.
     """
     check_positive("epsilon", epsilon)
+    _check_tol(tol)
     _check_int("max_iter", max_iter, 1)
+    max_evals = _max_evals(max_evals, max_iter)
     _check_seed(seed)
     with model_guard(model):
         obj = Objective(model, loss_fn, data, **options)
@@ -292,7 +317,9 @@ def sharpness(
         try:
             loss0, grad0 = evaluator(np.zeros(dim))
             x0 = _random_signs(grad0, generator) * half
-            res = maximize_box(evaluator, -half, half, x0=x0, max_iter=max_iter)
+            res = maximize_box(
+                evaluator, -half, half, x0=x0, max_iter=max_iter, max_evals=max_evals, ftol=tol
+            )
         finally:
             evaluator.progress.close()
         if res.fun > loss0:
@@ -349,6 +376,8 @@ def adaptive_sharpness(
     adaptive: bool = True,
     eta: float = 0.0,
     max_iter: int = 20,
+    max_evals: int | None = None,
+    tol: float = 1e-10,
     seed: int = 0,
     progress: ProgressArg = False,
     **options: Any,
@@ -372,8 +401,8 @@ def adaptive_sharpness(
     converges to the top eigenvector of C H C), started at ρ ∇_z/‖∇_z‖, or at a seeded random
     direction where the gradient is zero. The largest loss seen is reported, so the value ≥ 0.
 
-    Cost: ``n_evals`` loss+gradient passes: one at θ, then ``max_iter`` (p = 2) or one per
-    L-BFGS-B evaluation (p = ∞).
+    Cost: ``n_evals`` loss+gradient passes: one at θ, then ``1 + max_iter`` at most (p = 2:
+    the start and one per step) or one per L-BFGS-B evaluation (p = ∞).
 
     Args:
         model, loss_fn, data: as for :func:`sharpness`.
@@ -382,6 +411,8 @@ def adaptive_sharpness(
         adaptive: scale by c = |θ| + η (True) or use the standard ball c = 1 (False).
         eta: η ≥ 0 added to |θ| (keeps zero weights perturbable; breaks exact invariance).
         max_iter: ascent iterations (p = 2) or L-BFGS-B iterations (p = ∞).
+        max_evals: p = ∞ only: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
+        tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``).
         seed: seeds the random start (a local generator).
         progress: False, True or a callable ``(step, total, info)``.
         **options: forwarded to :class:`flatness.Objective`.
@@ -397,7 +428,9 @@ def adaptive_sharpness(
     """
     check_positive("rho", rho)
     p_value = _parse_p(p)
+    _check_tol(tol)
     _check_int("max_iter", max_iter, 1)
+    max_evals = _max_evals(max_evals, max_iter)
     _check_seed(seed)
     with model_guard(model):
         obj = Objective(model, loss_fn, data, **options)
@@ -415,7 +448,9 @@ def adaptive_sharpness(
             if p_value == math.inf:
                 bound = np.full(obj.n, rho)
                 x0 = _random_signs(grad0, generator) * rho
-                res = maximize_box(evaluator, -bound, bound, x0=x0, max_iter=max_iter)
+                res = maximize_box(
+                    evaluator, -bound, bound, x0=x0, max_iter=max_iter, max_evals=max_evals, ftol=tol
+                )
             else:
                 norm = float(np.linalg.norm(grad0))
                 if norm > 0 and math.isfinite(norm):
