@@ -12,15 +12,28 @@ from flatness.landscape import (
 from flatness.monitor import Monitor
 from flatness.objective import NonFiniteLossError, Objective
 from flatness.operator import HessianOperator
+from flatness.sharpness import (
+    AdaptiveSharpnessResult,
+    AverageSharpnessResult,
+    SharpnessResult,
+    adaptive_sharpness,
+    average_sharpness,
+    sharpness,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveSharpnessResult",
+    "AverageSharpnessResult",
     "HessianOperator",
     "Monitor",
     "NonFiniteLossError",
     "Objective",
+    "SharpnessResult",
     "__version__",
+    "adaptive_sharpness",
+    "average_sharpness",
     "eigen_directions",
     "interpolate",
     "landscape_1d",
@@ -28,4 +41,5 @@ __all__ = [
     "load_landscape",
     "pca_directions",
     "random_direction",
+    "sharpness",
 ]

@@ -1,0 +1,224 @@
+"""Maximizers of a smooth function of a flat vector over a box or a ball.
+
+The numerical layer of :mod:`flatness.sharpness`: these routines take a function
+``f_and_grad(x) -> (f, ∇f)`` of a float64 NumPy vector and know nothing of models, so a
+quadratic test is a matrix and users can run them on their own functions.
+
+Both keep the best point of *every* evaluation (an approximate solver may end elsewhere)
+and evaluate each point once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+from scipy.optimize import Bounds, minimize
+
+__all__ = ["MaximizeResult", "maximize_ball", "maximize_box"]
+
+FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaximizeResult:
+    """The best point seen and how it was found (like ``scipy.optimize.OptimizeResult``)."""
+
+    x: np.ndarray
+    fun: float
+    nfev: int
+    nit: int
+    status: int
+    message: str
+
+
+class _EvaluationLimit(Exception):
+    """Raised by the tracker to stop an optimizer at its evaluation budget."""
+
+
+class _Tracker:
+    """Counts evaluations, remembers the best point and caches the last one."""
+
+    def __init__(self, f_and_grad: FunAndGrad, n: int, max_evals: int | None = None) -> None:
+        self._f_and_grad = f_and_grad
+        self._n = n
+        self._max_evals = max_evals
+        self.nfev = 0
+        self.best_f = -math.inf
+        self.best_x: np.ndarray | None = None
+        self._last: tuple[np.ndarray, float, np.ndarray] | None = None
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        if self._last is not None and np.array_equal(self._last[0], x):
+            return self._last[1], self._last[2]
+        if self._max_evals is not None and self.nfev >= self._max_evals:
+            raise _EvaluationLimit
+        f, g = self._f_and_grad(x)
+        f = float(f)
+        g = np.asarray(g, dtype=np.float64).reshape(-1)
+        if g.shape != (self._n,):
+            raise ValueError(f"f_and_grad: the gradient has shape {g.shape}; expected ({self._n},)")
+        self.nfev += 1
+        # Copies: scipy may reuse its buffers.
+        x = np.array(x, dtype=np.float64, copy=True)
+        if f > self.best_f or self.best_x is None:
+            self.best_f, self.best_x = f, x
+        self._last = (x, f, g)
+        return f, g
+
+
+def _vector(name: str, value: np.ndarray, n: int | None = None) -> np.ndarray:
+    out = np.asarray(value, dtype=np.float64).reshape(-1) if np.ndim(value) else None
+    if out is None or (n is not None and out.shape != (n,)):
+        raise ValueError(f"{name}: expected a flat vector of length {n}, got shape {np.shape(value)}")
+    return out
+
+
+def maximize_box(
+    f_and_grad: FunAndGrad,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    *,
+    x0: np.ndarray,
+    max_iter: int,
+    max_evals: int | None = None,
+    ftol: float = 1e-12,
+    gtol: float = 1e-10,
+    memory: int = 10,
+) -> MaximizeResult:
+    """Maximize f over the box lower ≤ x ≤ upper with L-BFGS-B (scipy), keeping the best point.
+
+    .. math:: \\max_{l \\le x \\le u} f(x) \\quad\\text{as}\\quad \\min_{l \\le x \\le u} -f(x)
+
+    L-BFGS-B: Byrd, Lu, Nocedal, Zhu (1995), SIAM J. Sci. Comput. 16(5). Runs in float64.
+    Each evaluation is one call of ``f_and_grad``; a point asked for twice is served from a cache.
+
+    Args:
+        f_and_grad: ``f_and_grad(x) -> (f(x), ∇f(x))`` for a float64 vector ``x``.
+        lower, upper: the box (``lower[i] == upper[i]`` fixes a coordinate).
+        x0: the start, clipped into the box.
+        max_iter: L-BFGS-B iterations (each takes one or more evaluations).
+        max_evals: hard cap on evaluations (scipy's own ``maxfun`` lets a line search run
+            past it); default: none.
+        ftol, gtol: scipy's stopping tolerances (relative decrease, projected gradient).
+        memory: number of L-BFGS correction pairs.
+
+    Returns:
+        MaximizeResult: the best point seen, f there, evaluations, iterations, scipy's status
+        and message.
+
+    Raises:
+        ValueError: for bounds of the wrong shape, ``lower > upper`` or ``max_iter < 1``.
+    """
+    lower = _vector("lower", lower)
+    n = lower.shape[0]
+    upper = _vector("upper", upper, n)
+    x0 = _vector("x0", x0, n)
+    if np.any(lower > upper):
+        raise ValueError("lower, upper: expected lower <= upper elementwise")
+    if max_iter < 1:
+        raise ValueError(f"max_iter: got {max_iter}; expected an int >= 1")
+    if max_evals is not None and max_evals < 1:
+        raise ValueError(f"max_evals: got {max_evals}; expected an int >= 1 or None")
+    tracker = _Tracker(f_and_grad, n, max_evals)
+    iterations = [0]
+
+    def negated(x: np.ndarray) -> tuple[float, np.ndarray]:
+        f, g = tracker(x)
+        return -f, -g
+
+    def count(_xk: np.ndarray) -> None:
+        iterations[0] += 1
+
+    try:
+        res = minimize(
+            negated,
+            np.clip(x0, lower, upper),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=Bounds(lower, upper),
+            callback=count,
+            options={"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol, "maxcor": memory},
+        )
+        nit, status, message = int(res.nit), int(res.status), str(res.message)
+    except _EvaluationLimit:
+        nit, status, message = iterations[0], 1, f"evaluation limit reached (max_evals={max_evals})"
+    assert tracker.best_x is not None
+    return MaximizeResult(
+        x=tracker.best_x, fun=tracker.best_f, nfev=tracker.nfev, nit=nit, status=status, message=message
+    )
+
+
+def maximize_ball(
+    f_and_grad: FunAndGrad,
+    *,
+    radius: float,
+    x0: np.ndarray,
+    max_iter: int,
+    tol: float = 1e-10,
+) -> MaximizeResult:
+    """Maximize f over the ball ‖x‖₂ ≤ radius by projected gradient ascent with BB steps.
+
+    .. math:: x_{k+1} = P_{\\|x\\| \\le r}\\bigl(x_k + \\alpha_k \\nabla f(x_k)\\bigr)
+
+    Step α_k: Barzilai–Borwein (1988, IMA J. Numer. Anal. 8) when f is locally concave along
+    the last step; grown fourfold otherwise, which on a convex part turns the iteration into
+    the power method on the sphere (the maximum of a quadratic form there is its top
+    eigenvector, and the sphere has no other local maximum). A step that lowers f is
+    rejected and the step size cut fourfold, so the iterates ascend monotonically.
+
+    Args:
+        f_and_grad: ``f_and_grad(x) -> (f(x), ∇f(x))`` for a float64 vector ``x``.
+        radius: the ball's radius r > 0.
+        x0: the start, projected onto the ball; it is evaluated first.
+        max_iter: iterations after the start; each takes exactly one evaluation.
+        tol: stop when a step moves less than ``tol * radius``.
+
+    Returns:
+        MaximizeResult: the best point seen, f there, evaluations (``1 + nit``), iterations,
+        status (0: converged, 1: iteration limit) and a message.
+
+    Raises:
+        ValueError: for ``radius <= 0`` or ``max_iter < 0``.
+    """
+    if not radius > 0:
+        raise ValueError(f"radius: got {radius}; expected > 0")
+    if max_iter < 0:
+        raise ValueError(f"max_iter: got {max_iter}; expected an int >= 0")
+    x = _vector("x0", x0).copy()
+    tracker = _Tracker(f_and_grad, x.shape[0])
+
+    def project(v: np.ndarray) -> np.ndarray:
+        norm = float(np.linalg.norm(v))
+        return v if norm <= radius else v * (radius / norm)
+
+    x = project(x)
+    f, g = tracker(x)
+    gnorm = float(np.linalg.norm(g))
+    step = radius / gnorm if gnorm > 0 else 1.0
+    status, message, nit = 1, "iteration limit reached", 0
+    while nit < max_iter:
+        if not gnorm > 0:
+            status, message = 0, "the gradient is zero"
+            break
+        step = min(max(step, 1e-12 * radius / gnorm), 1e12 * radius / gnorm)
+        x_new = project(x + step * g)
+        s = x_new - x
+        if float(np.linalg.norm(s)) <= tol * radius:
+            status, message = 0, "converged: the step is below tol * radius"
+            break
+        f_new, g_new = tracker(x_new)
+        nit += 1
+        if f_new >= f:
+            curvature = -float(s @ (g_new - g))
+            step = float(s @ s) / curvature if curvature > 0 else 4.0 * step
+            x, f, g = x_new, f_new, g_new
+            gnorm = float(np.linalg.norm(g))
+        else:
+            step *= 0.25
+    assert tracker.best_x is not None
+    return MaximizeResult(
+        x=tracker.best_x, fun=tracker.best_f, nfev=tracker.nfev, nit=nit, status=status, message=message
+    )

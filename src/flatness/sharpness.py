@@ -1,0 +1,562 @@
+"""Sharpness of a minimum: Keskar's ε-box measure, adaptive worst-case and average-case sharpness.
+
+- :func:`sharpness`: Keskar et al. (2017, arXiv 1609.04836), Metric 2.1, by L-BFGS-B on the
+  box C_ε, in the full space or a random (or given) subspace.
+- :func:`adaptive_sharpness`: worst-case (adaptive) sharpness over an ℓ_p ball scaled by |θ|
+  (Kwon et al. 2021, arXiv 2102.11600; Andriushchenko et al. 2023, arXiv 2302.07011).
+- :func:`average_sharpness`: the expected loss increase under Gaussian perturbations scaled by
+  |θ| (Andriushchenko et al. 2023).
+
+All evaluate the full data through :class:`flatness.Objective` and leave the model untouched.
+The optimizers live in :mod:`flatness._maximize` and know nothing of models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flatness._guard import model_guard
+from flatness._maximize import maximize_ball, maximize_box
+from flatness._progress import Progress, ProgressArg
+from flatness.objective import Objective, check_positive
+from flatness.results import Result
+
+__all__ = [
+    "AdaptiveSharpnessResult",
+    "AverageSharpnessResult",
+    "SharpnessResult",
+    "adaptive_sharpness",
+    "average_sharpness",
+    "sharpness",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharpnessResult(Result):
+    """Keskar's φ and the evidence: the losses, the worst perturbation, the optimizer's report.
+
+    Attributes:
+        value: φ in percent, (max_loss − loss) / (1 + loss) × 100.
+        loss: f(x), the loss at the model's parameters.
+        max_loss: the largest loss seen in the box, f(x + A y).
+        perturbation: A y at the best point, shaped like the parameters.
+        n_evals: loss+gradient passes over the data (the one at x included).
+        nit, status, message: L-BFGS-B's iterations, status and message.
+        epsilon, subspace, max_iter, seed: the options used (``subspace``: p, or None for
+            the full space).
+    """
+
+    value: float
+    loss: float
+    max_loss: float
+    perturbation: dict[str, torch.Tensor]
+    n_evals: int
+    nit: int
+    status: int
+    message: str
+    epsilon: float
+    subspace: int | None
+    max_iter: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSharpnessResult(Result):
+    """Worst-case (adaptive) sharpness L(θ + δ*) − L(θ) and the evidence.
+
+    Attributes:
+        value: max_loss − loss (a loss difference, not a percentage).
+        loss: L(θ).
+        max_loss: the largest loss seen in the feasible set, L(θ + δ).
+        perturbation: δ at the best point, shaped like the parameters.
+        n_evals: loss+gradient passes over the data (the one at θ included).
+        nit, status, message: the optimizer's iterations, status and message.
+        rho, p, adaptive, eta, max_iter, seed: the options used.
+    """
+
+    value: float
+    loss: float
+    max_loss: float
+    perturbation: dict[str, torch.Tensor]
+    n_evals: int
+    nit: int
+    status: int
+    message: str
+    rho: float
+    p: float
+    adaptive: bool
+    eta: float
+    max_iter: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AverageSharpnessResult(Result):
+    """Average-case sharpness E[L(θ + δ)] − L(θ), its standard error and the options used.
+
+    Attributes:
+        value: the sample mean of L(θ + δ_s) − L(θ) over ``n_samples`` draws.
+        std_error: its standard error, sample std / √n_samples (NaN for one sample).
+        loss: L(θ).
+        n_evals: loss passes over the data (the one at θ included).
+        rho, n_samples, adaptive, eta, seed: the options used.
+    """
+
+    value: float
+    std_error: float
+    loss: float
+    n_evals: int
+    rho: float
+    n_samples: int
+    adaptive: bool
+    eta: float
+    seed: int
+
+
+# ---------------------------------------------------------------------------- helpers
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+class _Evaluator:
+    """θ0 + map(y) → (L, map⁎(∇L)) with one loss+gradient pass per new point, as float64 NumPy."""
+
+    def __init__(self, obj: Objective, progress: Progress, forward: Any = None, adjoint: Any = None) -> None:
+        self.obj = obj
+        self.progress = progress
+        self._forward = forward
+        self._adjoint = adjoint
+        self.n_evals = 0
+
+    def delta(self, y: np.ndarray) -> torch.Tensor:
+        yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64)).to(
+            device=self.obj.device, dtype=self.obj.dtype
+        )
+        return yt if self._forward is None else self._forward(yt)
+
+    def __call__(self, y: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, grad = self.obj.loss_and_grad(self.obj.theta0 + self.delta(y))
+        self.n_evals += 1
+        value = float(loss)
+        self.progress.update(loss=value)
+        if self._adjoint is not None:
+            grad = self._adjoint(grad)
+        return value, _to_numpy(grad)
+
+
+def _random_signs(g: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """sign(g), with seeded random ±1 where g is zero (SPEC §1 pitfall)."""
+    coins = torch.randint(0, 2, (g.shape[0],), generator=generator).numpy() * 2.0 - 1.0
+    return np.where(g > 0, 1.0, np.where(g < 0, -1.0, coins))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: got {value}; expected an int >= {minimum}")
+
+
+def _max_evals(max_evals: Any, max_iter: int) -> int:
+    if max_evals is None:
+        return 3 * max_iter + 10
+    _check_int("max_evals", max_evals, 1)
+    return int(max_evals)
+
+
+def _check_tol(tol: Any) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"tol: expected a number >= 0, got {tol!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol: got {tol!r}; expected a finite number >= 0")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an int, got {seed!r}")
+
+
+def _subspace_matrix(
+    subspace: Any, obj: Objective, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, A⁺x): A in the objective's dtype and device, A⁺x in float64 (n×p work only)."""
+    n = obj.n
+    x = obj.theta0.to(torch.float64)
+    if isinstance(subspace, (int, np.integer)) and not isinstance(subspace, bool):
+        p = int(subspace)
+        if not 1 <= p <= n:
+            raise ValueError(
+                f"subspace: got p={p}; expected 1 <= p <= n = {n} (the number of parameters), "
+                "or None for the full space"
+            )
+        # Orthonormal columns (Haar): Q of a Gaussian n×p matrix, signs fixed by diag(R).
+        gauss = torch.randn(n, p, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(gauss.to(obj.device))
+        q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+        return q.to(obj.dtype), q.T @ x.to(q.device)
+    if isinstance(subspace, np.ndarray):
+        subspace = torch.from_numpy(subspace)
+    if not isinstance(subspace, torch.Tensor):
+        raise TypeError(
+            "subspace: expected None (full space), an int p or an n×p matrix (Tensor or ndarray), "
+            f"got {type(subspace).__name__}"
+        )
+    if subspace.ndim != 2 or subspace.shape[0] != n or not 1 <= subspace.shape[1] <= n:
+        raise ValueError(
+            f"subspace: a matrix of shape {tuple(subspace.shape)}; expected (n, p) = ({n}, p) "
+            f"with 1 <= p <= {n}"
+        )
+    if not subspace.is_floating_point() or not bool(torch.isfinite(subspace).all()):
+        raise ValueError("subspace: the matrix must be floating point with finite entries")
+    a64 = subspace.detach().to(device=obj.device, dtype=torch.float64)
+    # A⁺x by a thin SVD of the n×p matrix (handles rank deficiency; never n×n).
+    u, s, vh = torch.linalg.svd(a64, full_matrices=False)
+    cutoff = max(a64.shape) * torch.finfo(torch.float64).eps * (s.max() if s.numel() else 0.0)
+    inv = torch.where(s > cutoff, 1.0 / s, torch.zeros_like(s))
+    pinv_x = vh.T @ (inv * (u.T @ x.to(a64.device)))
+    return a64.to(obj.dtype), pinv_x
+
+
+# ---------------------------------------------------------------------------- Keskar
+def sharpness(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    epsilon: float = 1e-3,
+    subspace: int | torch.Tensor | np.ndarray | None = None,
+    max_iter: int = 10,
+    max_evals: int | None = None,
+    tol: float = 1e-10,
+    seed: int = 0,
+    progress: ProgressArg = False,
+    **options: Any,
+) -> SharpnessResult:
+    """Keskar et al.'s ε-sharpness φ: the largest relative loss increase in a box around θ.
+
+    .. math::
+        C_\\varepsilon = \\{ z \\in \\mathbb{R}^p : |z_i| \\le \\varepsilon (|(A^+x)_i| + 1) \\},
+        \\qquad
+        \\phi_{x,f}(\\varepsilon, A) =
+        \\frac{\\max_{y \\in C_\\varepsilon} f(x + Ay) - f(x)}{1 + f(x)} \\times 100
+
+    Keskar, Mudigere, Nocedal, Smelyanskiy, Tang (2017), "On Large-Batch Training for Deep
+    Learning: Generalization Gap and Sharp Minima", arXiv 1609.04836, Metric 2.1.
+
+    The maximum is approximated by L-BFGS-B (scipy, float64) on −f with ``max_iter``
+    iterations, as in the paper. Start: the box vertex sign(Aᵀ∇f(x)) ⊙ e (the exact maximizer
+    of every separable convex part), with seeded random signs where the gradient is zero,
+    since at an exact minimum a start at y = 0 cannot ascend. The result is the largest loss
+    seen over every point evaluated, including x itself, so φ ≥ 0.
+
+    Subspace: ``subspace=p`` draws A ∈ R^{n×p} with orthonormal columns (the Q factor of a
+    Gaussian matrix, Haar distributed) from a generator seeded by ``seed``; then A⁺ = Aᵀ and
+    ``subspace=n`` is a random rotation of the full space. A user matrix A (n×p) is used as
+    given, A⁺x by a thin SVD. No n×n matrix is ever formed.
+
+    Cost: ``n_evals`` loss+gradient passes over the data: one at x, then one per L-BFGS-B
+    evaluation, at most ``max_evals`` (default ``3 * max_iter + 10``). On smooth losses an
+    iteration takes one or two evaluations; on ReLU networks, where the vertex start is close
+    to the box maximum, L-BFGS-B's line search may spend many evaluations on tiny gains, which
+    the cap bounds.
+
+    Args:
+        model: the network (left untouched).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss.
+        data: a DataLoader, an iterable of batches or one ``(inputs, targets)`` batch.
+        epsilon: box size ε > 0 (the paper uses 1e-3 and 5e-4).
+        subspace: None (full space, A = I), an int p (random A, the paper used p = 100) or
+            an n×p matrix.
+        max_iter: L-BFGS-B iterations (paper: 10).
+        max_evals: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
+        tol: L-BFGS-B stops when the loss rises by less than ``tol * max(|f|, 1)`` in an
+            iteration (scipy's ``ftol``); lower it (e.g. 1e-15) with a large ``max_iter`` to
+            solve to machine precision.
+        seed: seeds the random subspace and the random start signs (a local generator).
+        progress: False, True (a line on stderr) or a callable ``(step, total, info)``.
+        **options: forwarded to :class:`flatness.Objective` (``params``, ``reduction``,
+            ``dtype``, ``batch_loss``, ``train``, ``max_batches``, ...).
+
+    Returns:
+        SharpnessResult: ``value`` (φ, percent), ``loss``, ``max_loss``, ``perturbation``,
+        ``n_evals``, the optimizer's ``nit``/``status``/``message`` and the options used.
+
+    Raises:
+        ValueError: ε ≤ 0, max_iter < 1, p ∉ [1, n], a matrix not of shape (n, p).
+        TypeError: arguments of the wrong type.
+        NonFiniteLossError: the loss is not finite on some batch.
+    """
+    check_positive("epsilon", epsilon)
+    _check_tol(tol)
+    _check_int("max_iter", max_iter, 1)
+    max_evals = _max_evals(max_evals, max_iter)
+    _check_seed(seed)
+    with model_guard(model):
+        obj = Objective(model, loss_fn, data, **options)
+        generator = torch.Generator().manual_seed(int(seed))
+        if subspace is None:
+            a, center, p = None, obj.theta0.to(torch.float64), None
+            evaluator = _Evaluator(obj, Progress(progress, total=None, desc="sharpness"))
+        else:
+            a, center = _subspace_matrix(subspace, obj, generator)
+            p = a.shape[1]
+            evaluator = _Evaluator(
+                obj,
+                Progress(progress, total=None, desc="sharpness"),
+                forward=lambda y: a @ y,
+                adjoint=lambda g: a.T @ g,
+            )
+        dim = obj.n if a is None else p
+        half = float(epsilon) * (np.abs(_to_numpy(center)) + 1.0)
+        try:
+            loss0, grad0 = evaluator(np.zeros(dim))
+            x0 = _random_signs(grad0, generator) * half
+            res = maximize_box(
+                evaluator, -half, half, x0=x0, max_iter=max_iter, max_evals=max_evals, ftol=tol
+            )
+        finally:
+            evaluator.progress.close()
+        if res.fun > loss0:
+            max_loss, y_best = res.fun, res.x
+        else:
+            max_loss, y_best = loss0, np.zeros(dim)
+        delta = evaluator.delta(y_best)
+        return SharpnessResult(
+            value=(max_loss - loss0) / (1.0 + loss0) * 100.0,
+            loss=loss0,
+            max_loss=max_loss,
+            perturbation={k: v.detach().clone() for k, v in obj.unflatten(delta).items()},
+            n_evals=evaluator.n_evals,
+            nit=res.nit,
+            status=res.status,
+            message=res.message,
+            epsilon=float(epsilon),
+            subspace=p,
+            max_iter=int(max_iter),
+            seed=int(seed),
+        )
+
+
+# ---------------------------------------------------------------------------- adaptive
+def _parse_p(p: Any) -> float:
+    if isinstance(p, str) and p.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    if not isinstance(p, bool) and isinstance(p, (int, float, np.integer, np.floating)):
+        if p == 2:
+            return 2.0
+        if p == math.inf:
+            return math.inf
+    raise ValueError(f"p: got {p!r}; expected 2 or float('inf') (also the string 'inf')")
+
+
+def _scale(obj: Objective, adaptive: Any, eta: Any) -> torch.Tensor:
+    """c = |θ| + η (adaptive) or 1, in the objective's dtype."""
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"adaptive: expected a bool, got {adaptive!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta: got {eta!r}; expected a finite number >= 0")
+    if adaptive:
+        return obj.theta0.abs() + eta
+    return torch.ones_like(obj.theta0)
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    rho: float,
+    p: float | str = 2,
+    adaptive: bool = True,
+    eta: float = 0.0,
+    max_iter: int = 20,
+    max_evals: int | None = None,
+    tol: float = 1e-10,
+    seed: int = 0,
+    progress: ProgressArg = False,
+    **options: Any,
+) -> AdaptiveSharpnessResult:
+    """Worst-case adaptive sharpness: the largest loss increase in an ℓ_p ball scaled by |θ|.
+
+    .. math::
+        S^\\rho_{\\max} = \\max_{\\|\\delta \\oslash c\\|_p \\le \\rho} L(\\theta + \\delta) - L(\\theta),
+        \\qquad c = |\\theta| + \\eta \\ (\\text{adaptive}) \\ \\text{or}\\ c = 1
+
+    Kwon, Kim, Park, Choi (2021), "ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks", arXiv 2102.11600; Andriushchenko,
+    Croce, Müller, Hein, Flammarion (2023), "A Modern Look at the Relationship between
+    Sharpness and Generalization", arXiv 2302.07011. With η = 0 the value is invariant to
+    the rescalings of Dinh et al. (2017, arXiv 1703.04933).
+
+    Solved in z = δ ⊘ c (∇_z = c ⊙ ∇L). p = ∞: the set is the box |z_i| ≤ ρ, maximized by
+    L-BFGS-B from the vertex ρ sign(∇_z) (seeded random signs where zero), as for
+    :func:`sharpness`. p = 2: projected gradient ascent with Barzilai–Borwein steps on the ball
+    ‖z‖ ≤ ρ (monotone; on a convex part it becomes the power method, which at a minimum
+    converges to the top eigenvector of C H C), started at ρ ∇_z/‖∇_z‖, or at a seeded random
+    direction where the gradient is zero. The largest loss seen is reported, so the value ≥ 0.
+
+    Cost: ``n_evals`` loss+gradient passes: one at θ, then ``1 + max_iter`` at most (p = 2:
+    the start and one per step) or one per L-BFGS-B evaluation (p = ∞).
+
+    Args:
+        model, loss_fn, data: as for :func:`sharpness`.
+        rho: radius ρ > 0.
+        p: 2 or ``float('inf')`` (``"inf"`` accepted).
+        adaptive: scale by c = |θ| + η (True) or use the standard ball c = 1 (False).
+        eta: η ≥ 0 added to |θ| (keeps zero weights perturbable; breaks exact invariance).
+        max_iter: ascent iterations (p = 2) or L-BFGS-B iterations (p = ∞).
+        max_evals: p = ∞ only: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
+        tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``).
+        seed: seeds the random start (a local generator).
+        progress: False, True or a callable ``(step, total, info)``.
+        **options: forwarded to :class:`flatness.Objective`.
+
+    Returns:
+        AdaptiveSharpnessResult: ``value``, ``loss``, ``max_loss``, ``perturbation`` (δ),
+        ``n_evals``, the optimizer's report and the options used.
+
+    Raises:
+        ValueError: ρ ≤ 0, p not 2 or ∞, η < 0, max_iter < 1.
+        TypeError: arguments of the wrong type.
+        NonFiniteLossError: the loss is not finite on some batch.
+    """
+    check_positive("rho", rho)
+    p_value = _parse_p(p)
+    _check_tol(tol)
+    _check_int("max_iter", max_iter, 1)
+    max_evals = _max_evals(max_evals, max_iter)
+    _check_seed(seed)
+    with model_guard(model):
+        obj = Objective(model, loss_fn, data, **options)
+        c = _scale(obj, adaptive, eta)
+        generator = torch.Generator().manual_seed(int(seed))
+        evaluator = _Evaluator(
+            obj,
+            Progress(progress, total=None, desc="adaptive_sharpness"),
+            forward=lambda z: c * z,
+            adjoint=lambda g: c * g,
+        )
+        rho = float(rho)
+        try:
+            loss0, grad0 = evaluator(np.zeros(obj.n))
+            if p_value == math.inf:
+                bound = np.full(obj.n, rho)
+                x0 = _random_signs(grad0, generator) * rho
+                res = maximize_box(
+                    evaluator, -bound, bound, x0=x0, max_iter=max_iter, max_evals=max_evals, ftol=tol
+                )
+            else:
+                norm = float(np.linalg.norm(grad0))
+                if norm > 0 and math.isfinite(norm):
+                    x0 = grad0 * (rho / norm)
+                else:
+                    direction = torch.randn(obj.n, generator=generator, dtype=torch.float64).numpy()
+                    x0 = direction * (rho / float(np.linalg.norm(direction)))
+                res = maximize_ball(evaluator, radius=rho, x0=x0, max_iter=max_iter)
+        finally:
+            evaluator.progress.close()
+        if res.fun > loss0:
+            max_loss, z_best = res.fun, res.x
+        else:
+            max_loss, z_best = loss0, np.zeros(obj.n)
+        delta = evaluator.delta(z_best)
+        return AdaptiveSharpnessResult(
+            value=max_loss - loss0,
+            loss=loss0,
+            max_loss=max_loss,
+            perturbation={k: v.detach().clone() for k, v in obj.unflatten(delta).items()},
+            n_evals=evaluator.n_evals,
+            nit=res.nit,
+            status=res.status,
+            message=res.message,
+            rho=rho,
+            p=p_value,
+            adaptive=adaptive,
+            eta=float(eta),
+            max_iter=int(max_iter),
+            seed=int(seed),
+        )
+
+
+# ---------------------------------------------------------------------------- average
+def average_sharpness(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    rho: float,
+    n_samples: int,
+    adaptive: bool = True,
+    eta: float = 0.0,
+    seed: int = 0,
+    progress: ProgressArg = False,
+    **options: Any,
+) -> AverageSharpnessResult:
+    """Average-case (adaptive) sharpness: the expected loss increase under Gaussian noise.
+
+    .. math::
+        S^\\rho_{\\mathrm{avg}} = \\mathbb{E}_{\\delta \\sim \\mathcal{N}(0, \\rho^2 \\mathrm{diag}(c^2))}
+        \\bigl[L(\\theta + \\delta)\\bigr] - L(\\theta), \\qquad c = |\\theta| + \\eta\\ \\text{or}\\ 1
+
+    Andriushchenko, Croce, Müller, Hein, Flammarion (2023), arXiv 2302.07011. On a quadratic
+    the value is ½ρ² Σ_i c_i² H_ii in expectation.
+
+    Monte Carlo with ``n_samples`` independent draws from a local generator seeded by ``seed``;
+    ``std_error`` is the sample standard deviation over √n_samples. Cost: ``n_samples + 1``
+    loss passes (no gradients).
+
+    Args:
+        model, loss_fn, data: as for :func:`sharpness`.
+        rho: noise scale ρ > 0.
+        n_samples: number of draws ≥ 1.
+        adaptive: scale by c = |θ| + η (True) or c = 1 (False).
+        eta: η ≥ 0 added to |θ|.
+        seed: seeds the draws.
+        progress: False, True or a callable ``(step, total, info)``.
+        **options: forwarded to :class:`flatness.Objective`.
+
+    Returns:
+        AverageSharpnessResult: ``value``, ``std_error``, ``loss``, ``n_evals`` and the options.
+
+    Raises:
+        ValueError: ρ ≤ 0, n_samples < 1, η < 0.
+        TypeError: arguments of the wrong type.
+        NonFiniteLossError: the loss is not finite on some batch.
+    """
+    check_positive("rho", rho)
+    _check_int("n_samples", n_samples, 1)
+    _check_seed(seed)
+    with model_guard(model):
+        obj = Objective(model, loss_fn, data, **options)
+        c = _scale(obj, adaptive, eta)
+        generator = torch.Generator().manual_seed(int(seed))
+        bar = Progress(progress, total=n_samples, desc="average_sharpness")
+        try:
+            loss0 = float(obj.loss())
+            gains = []
+            for _ in range(n_samples):
+                noise = torch.randn(obj.n, generator=generator, dtype=torch.float64)
+                delta = float(rho) * c * noise.to(device=obj.device, dtype=obj.dtype)
+                gains.append(float(obj.loss(obj.theta0 + delta)) - loss0)
+                bar.update(gain=gains[-1])
+        finally:
+            bar.close()
+        values = np.asarray(gains)
+        std_error = float(values.std(ddof=1) / math.sqrt(n_samples)) if n_samples > 1 else math.nan
+        return AverageSharpnessResult(
+            value=float(values.mean()),
+            std_error=std_error,
+            loss=loss0,
+            n_evals=n_samples + 1,
+            rho=float(rho),
+            n_samples=int(n_samples),
+            adaptive=adaptive,
+            eta=float(eta),
+            seed=int(seed),
+        )
