@@ -71,7 +71,7 @@ def _lanczos_tridiagonal(
             w = w - V[: j + 1].T @ (V[: j + 1] @ w)
         alpha.append(float(a))
         b = float(w.norm())
-        if j == steps - 1 or b <= eps**0.75 * max(abs(x) for x in alpha + [1e-300]):
+        if j == steps - 1 or b <= eps**0.75 * max(abs(x) for x in [*alpha, 1e-300]):
             break
         beta.append(b)
         V[j + 1] = w / b
