@@ -103,7 +103,9 @@ def lanczos_eigsh(
     Lanczos (1950) with full reorthogonalization (classical Gram–Schmidt, twice) and thick
     restart (Wu & Simon 2000). Each step costs one matvec; each restart keeps
     p = k + ⌊(m − k)/2⌋ Ritz vectors (m = ``ncv``), so no matvec is spent twice on the same
-    direction. Memory: (2m + 1) vectors of n numbers on ``device``.
+    direction. Pairs are accepted once at least m products are done (as ARPACK, which checks
+    after each full basis), which guards against converging to a non-extreme pair of a small
+    Krylov space. Memory: (2m + 1) vectors of n numbers on ``device``.
 
     Args:
         matvec: ``matvec(v) -> H v`` for a flat tensor v of size n; H must be symmetric.
@@ -193,8 +195,11 @@ def lanczos_eigsh(
             est = full.norm(dim=0)
             bar.update(1, rel_residual=float((est / torch.clamp(theta[want].abs(), min=tiny)).max()))
 
-            invariant = beta <= eps ** 0.75 * max(scale, 1e-300) or j == n
-            if j >= k and (bool((est <= thresh).all()) or invariant or n_mv >= budget):
+            invariant = beta <= eps**0.75 * max(scale, 1e-300) or j == n
+            # Like ARPACK, accept only once a full basis of m vectors has been built: an early,
+            # small Krylov space can hold a converged pair that is not the extreme one.
+            ready = j >= k and (n_mv >= m or invariant)
+            if ready and (bool((est <= thresh).all()) or invariant or n_mv >= budget):
                 vals, vecs, res = _ritz(V[:j], W[:j], theta[want], S[:, want], device, dtype)
                 best = (vals, vecs, res)
                 ok = bool((res.double().cpu() <= thresh).all())
