@@ -158,6 +158,8 @@ def hessian_topk(
             bad ``max_hvp`` / ``ncv`` and the objective's own checks.
     """
     check_which(which)
+    check_positive("tol", tol)
+    check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
     with model_guard(model):
         op = _operator(model, loss_fn, data, options)
         obj = op.objective
