@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from conftest import (
     assert_untouched,
     classification_data,
@@ -17,7 +18,6 @@ from conftest import (
     quadratic_problem,
     snapshot,
 )
-
 from flatness import hessian_density, hessian_topk, hessian_trace
 
 
