@@ -20,6 +20,15 @@ from flatness.sharpness import (
     average_sharpness,
     sharpness,
 )
+from flatness.spectrum import (
+    hessian_density,
+    hessian_topk,
+    hessian_trace,
+    hutchinson,
+    hutchpp,
+    lanczos_eigsh,
+    slq_density,
+)
 
 __version__ = "0.1.0"
 
@@ -35,11 +44,18 @@ __all__ = [
     "adaptive_sharpness",
     "average_sharpness",
     "eigen_directions",
+    "hessian_density",
+    "hessian_topk",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
     "interpolate",
+    "lanczos_eigsh",
     "landscape_1d",
     "landscape_2d",
     "load_landscape",
     "pca_directions",
     "random_direction",
     "sharpness",
+    "slq_density",
 ]
