@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_untouched, image_data, make_cnn, snapshot
 from torch import nn
 
 import flatness
+from conftest import assert_untouched, image_data, make_cnn, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -72,15 +72,48 @@ def compute(model, data, what):
     return out
 
 
+def _errors(rank):
+    """What each rank raises when the ranks disagree (both must raise, none may hang)."""
+    import flatness
+
+    model, x, y = _problem()
+    out = {}
+    data = _shard(x, y, rank) if rank == 0 else []
+    try:
+        flatness.Objective(model, F.cross_entropy, data).loss()
+    except ValueError as err:
+        out["empty"] = str(err)
+    if rank == 1:
+        model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    try:
+        flatness.Objective(model, F.cross_entropy, _shard(x, y, rank))
+    except ValueError as err:
+        out["size"] = str(err)
+    return out
+
+
 def _worker(rank, port, tmp, what):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        model, x, y = _problem()
-        result = compute(model, _shard(x, y, rank), what)
+        if what == ("errors",):
+            result = _errors(rank)
+        else:
+            model, x, y = _problem()
+            result = compute(model, _shard(x, y, rank), what)
+            if "ddp" in what:
+                ddp = nn.parallel.DistributedDataParallel(model)
+                result["ddp_hvp"] = flatness_hvp(ddp, _shard(x, y, rank))
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def flatness_hvp(model, data):
+    import flatness
+
+    obj = flatness.Objective(model, F.cross_entropy, data)
+    return obj.hvp(torch.linspace(-1, 1, obj.n, dtype=torch.float64))
 
 
 def _run(tmp_path, what):
@@ -90,10 +123,21 @@ def _run(tmp_path, what):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
-    what = ("core",)
+    what = ("core", "spectra", "sharpness", "landscape", "ddp")
     ranks = _run(tmp_path, what)
     model, x, y = _problem()
     single = compute(model, [(x[i : i + 5], y[i : i + 5]) for i in range(0, 30, 5)], what)
+    single["ddp_hvp"] = single["hvp"]
     for r in ranks:
+        assert set(r) == set(single)
         for key, value in single.items():
-            assert torch.allclose(r[key], value, rtol=1e-12, atol=1e-14), key
+            # Same numbers up to the order of floating-point reduction.
+            assert torch.allclose(r[key].double(), value.double(), rtol=1e-9, atol=1e-12), key
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_raise_on_every_rank(tmp_path):
+    ranks = _run(tmp_path, ("errors",))
+    for r in ranks:
+        assert "no batches on 1 rank" in r["empty"]
+        assert "ranks disagree on the number of parameters" in r["size"]

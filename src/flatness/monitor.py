@@ -145,6 +145,8 @@ class Monitor:
                     row[name] = BUILTIN_MEASURES[fn](model, self.loss_fn, self.data, self._options_for(name))
                 else:
                     value = fn(model)
+                    if isinstance(value, torch.Tensor):
+                        value = value.detach()
                     row[name] = float(value) if isinstance(value, (int, float, torch.Tensor)) else value
         row["time_s"] = time.perf_counter() - t0
         self.records.append(row)
