@@ -221,6 +221,11 @@ class Objective:
         # Parameters outside θ and all buffers enter as constants (detached; cast if asked).
         self._fixed_params = {n: p for n, p in self.model.named_parameters() if id(p) not in chosen_ids}
         self._buffers = dict(self.model.named_buffers())
+        # functional_call re-ties shared tensors on every call, walking all modules; skip that
+        # work when nothing is shared.
+        self._tied = len(list(self.model.named_parameters(remove_duplicate=False))) > len(
+            list(self.model.named_parameters())
+        ) or len(list(self.model.named_buffers(remove_duplicate=False))) > len(self._buffers)
         with torch.no_grad():
             self.theta0: torch.Tensor = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in chosen])
         _dist.check_same_size(self._group, self.n)
@@ -293,7 +298,7 @@ class Objective:
         return t
 
     def _batch_loss(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
-        loss = functional_call(self._module, self._state(theta), (batch,), tie_weights=True, strict=False)
+        loss = functional_call(self._module, self._state(theta), (batch,), tie_weights=self._tied, strict=False)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -321,7 +326,6 @@ class Objective:
             None if extra_numel is None else torch.zeros(extra_numel, dtype=self.dtype, device=self.device)
         )
         losses: list[torch.Tensor] = []
-        extras_finite: list[torch.Tensor] = []
         total_size = 0
         with model_guard(self.model):
             self.model.train(self.train)
@@ -337,10 +341,8 @@ class Objective:
                     losses.append(loss)
                     total_loss = total_loss + w * loss.to(self.dtype)
                     if total_extra is not None and extra is not None:
-                        extra = extra.detach().reshape(-1).to(self.dtype)
-                        if check_finite:
-                            extras_finite.append(torch.isfinite(extra).all())
-                        total_extra = total_extra + w * extra
+                        # NaN and ±inf survive the sum, so one check of the total suffices.
+                        total_extra.add_(extra.detach().reshape(-1).to(self.dtype), alpha=w)
                     total_size += size
             finally:
                 self.data.restore_generators(saved)
@@ -349,8 +351,8 @@ class Objective:
         finite = torch.isfinite(torch.stack(losses)) if losses else torch.ones(1, dtype=torch.bool)
         if not check_finite:
             ok = True
-        elif extras_finite:
-            ok = bool(finite.all() & torch.stack(extras_finite).all())
+        elif total_extra is not None:
+            ok = bool(finite.all() & torch.isfinite(total_extra).all())
         else:
             ok = bool(finite.all())
         total_loss, total_extra, total_size, n_empty, n_bad = _dist.all_reduce_sums(
@@ -556,7 +558,7 @@ class Objective:
             for bname, b in point_bufs.items():
                 state["model." + bname] = b.clone() if self.train else b
             if not names:
-                loss = functional_call(self._module, state, (batch,), tie_weights=True, strict=False)
+                loss = functional_call(self._module, state, (batch,), tie_weights=self._tied, strict=False)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                     raise ValueError(f"loss_fn: the loss of a batch has shape {shape}; it must be a scalar")
@@ -565,7 +567,7 @@ class Objective:
                 raise TypeError("data: metrics need (inputs, targets) batches")
             inputs, targets = batch
             model_state = {key[len("model.") :]: v for key, v in state.items()}
-            outputs = functional_call(self.model, model_state, (inputs,), tie_weights=True, strict=False)
+            outputs = functional_call(self.model, model_state, (inputs,), tie_weights=self._tied, strict=False)
             out = [loss_fn(outputs, targets)]  # type: ignore[misc]
             out += [metrics[m](outputs, targets) for m in names]
             return torch.stack(
