@@ -10,7 +10,7 @@ samples of cnn_problem() to fit 2 CPU cores; same model).
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -28,7 +28,7 @@ def power_deflation(op: HessianOperator, k: int, tol: float, rule: str, max_iter
     vals: list[float] = []
     n = op.shape[0]
     for _ in range(k):
-        v = torch.randn(n, generator=g, dtype=op.dtype)
+        v = torch.randn(n, generator=g, dtype=op.dtype).to(op.device)
         lam_prev = None
         for _ in range(max_iter):
             for u in vecs:
@@ -55,18 +55,21 @@ def power_deflation(op: HessianOperator, k: int, tol: float, rule: str, max_iter
 def true_residuals(op: HessianOperator, vals, vecs) -> np.ndarray:
     return np.array(
         [
-            float((op.matvec(v) - float(lam) * v).norm() / abs(float(lam)))
+            float((op.matvec(v.to(op.device)) - float(lam) * v.to(op.device)).norm() / abs(float(lam)))
             for lam, v in zip(vals, vecs, strict=True)
         ]
     )
 
 
 def main() -> None:
-    n_samples = int(sys.argv[1]) if len(sys.argv) > 1 else 512
-    torch.set_num_threads(2)
-    model, loss_fn, data = cnn_problem(n=n_samples)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("samples", type=int, nargs="?", default=512)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    n_samples = args.samples
+    model, loss_fn, data = cnn_problem(n=n_samples, device=args.device)
     tol = 1e-3
-    print(f"cnn_problem(n={n_samples}), tol={tol}")
+    print(f"cnn_problem(n={n_samples}, device={args.device}), tol={tol}")
     print(f"{'method':28s} {'k':>3s} {'HVPs':>6s} {'time s':>8s} {'max rel residual':>17s}")
     for k in (1, 10):
         t0 = time.perf_counter()
@@ -96,7 +99,7 @@ def main() -> None:
         top = np.sort(w)[::-1]
         print(
             f"  eigenvalues agree (flatness vs eigsh): max rel diff "
-            f"{np.max(np.abs(res.eigenvalues.numpy() - top) / np.abs(top)):.1e}"
+            f"{np.max(np.abs(res.eigenvalues.cpu().numpy() - top) / np.abs(top)):.1e}"
         )
 
 
