@@ -65,6 +65,13 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=2048, help="data size")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="flatness's batches; 0 = one batch, as loss-landscapes gets",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,9 +85,15 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {args.device} ({where}), {args.steps}x{args.steps} grid")
     for name in args.problems.split(","):
-        model, loss_fn, batches = {"mlp": mlp_problem, "cnn": cnn_problem}[name](device=args.device)
+        batch_size = args.batch_size or args.samples
+        model, loss_fn, batches = {"mlp": mlp_problem, "cnn": cnn_problem}[name](
+            n=args.samples, batch_size=batch_size, device=args.device
+        )
         floor = forward_pass_time(model, loss_fn, batches, args.repeat, args.device)
-        print(f"\n{name}: raw full-data forward pass {floor * 1e3:.2f} ms")
+        print(
+            f"\n{name}: {args.samples} samples in batches of {batch_size}; "
+            f"raw full-data forward pass {floor * 1e3:.2f} ms"
+        )
         for vectorize in (True, False):
             t = timeit(
                 lambda v=vectorize, m=model, f=loss_fn, b=batches: landscape_2d(

@@ -50,7 +50,7 @@ F = nn.functional
 
 @dataclasses.dataclass
 class Config:
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     small_batch: int = 16
     large_batch: int = 512
     hybrid_sb_epochs: int = 5
@@ -58,6 +58,8 @@ class Config:
     target_loss: float = 1e-3
     max_epochs_sb: int = 150
     max_epochs_lb: int = 2000
+    epochs: int = 40
+    protocols: tuple[str, ...] = ("epochs", "loss")
     hidden: int = 128
     eval_batch: int = 512
     top_k: int = 5
@@ -75,6 +77,7 @@ class Config:
             target_loss=1e-2,
             max_epochs_sb=60,
             max_epochs_lb=600,
+            epochs=20,
             top_k=3,
             trace_hvp=30,
             interp_points=16,
@@ -132,8 +135,13 @@ def train(
     schedule: list[tuple[int, int]],
     cfg: Config,
     seed: int,
+    stop_at_target: bool,
 ) -> dict[str, Any]:
-    """Adam on ``schedule`` = [(batch_size, max_epochs), ...]; the last phase stops at the target loss."""
+    """Adam on ``schedule`` = [(batch_size, epochs), ...].
+
+    With ``stop_at_target`` the last phase stops as soon as the full training loss reaches
+    ``cfg.target_loss`` (its epochs are then a maximum).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     full = batches(x, y, cfg.eval_batch)
@@ -150,7 +158,7 @@ def train(
                 opt.step()
                 steps += 1
             epochs += 1
-            if last and evaluate(model, full)[0] <= cfg.target_loss:
+            if stop_at_target and last and evaluate(model, full)[0] <= cfg.target_loss:
                 break
     model.eval()
     return {"epochs": epochs, "steps": steps}
@@ -269,7 +277,64 @@ def verdict(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return [f"**The claim {claim}**", "", *lines]
 
 
-def write_report(out: Path, cfg: Config, runs: dict, extras: dict, seconds: float) -> None:
+def summary(by_protocol: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    """One line per protocol, then what the pair of protocols says, decided by the numbers."""
+    lines = []
+    outcome = {}
+    for protocol, runs in by_protocol.items():
+        sb, lb = runs["SB"], runs["LB"]
+        ratio = np.array([b["sharpness_0.001"] / a["sharpness_0.001"] for a, b in zip(sb, lb, strict=True)])
+        acc = np.array([a["test_acc"] - b["test_acc"] for a, b in zip(sb, lb, strict=True)])
+        loss_ratio = np.mean([b["train_loss"] for b in lb]) / np.mean([a["train_loss"] for a in sb])
+        outcome[protocol] = bool(np.all(ratio > 1) and np.all(acc > 0))
+        lines.append(
+            f"- **{PROTOCOLS[protocol][0]}**: LB/SB Keskar φ = {np.median(ratio):.2g}× (median over seeds; "
+            f"LB sharper in {int((ratio > 1).sum())}/{len(ratio)}), SB − LB test accuracy = "
+            f"{100 * acc.mean():+.2f} points, LB/SB training loss = {loss_ratio:.2g}×."
+        )
+    if outcome.get("epochs") and outcome.get("loss") is False:
+        lines += [
+            "",
+            "**Conclusion.** With the paper's protocol (equal epochs) large batches end sharper and test worse, "
+            "as Keskar et al. report — but the large-batch runs have not reached the small-batch runs' training "
+            "loss. Trained to the same training loss, large-batch solutions are no sharper and test no worse. "
+            "At this scale the sharp-minimum signal tracks how far training got, not the batch size itself.",
+        ]
+    elif all(outcome.values()):
+        lines += ["", "**Conclusion.** The claim reproduces under both protocols."]
+    elif not any(outcome.values()):
+        lines += ["", "**Conclusion.** The claim does not reproduce under either protocol at this scale."]
+    return lines
+
+
+PROTOCOLS = {
+    "epochs": (
+        "Equal epochs (Keskar et al.'s protocol)",
+        "Every regime trains for the same number of epochs ({epochs}); the hybrid spends "
+        "{hybrid} of them with the small batch.",
+    ),
+    "loss": (
+        "Equal training loss (controls for the loss level)",
+        "Every regime trains until its full training loss is ≤ {target:g}, so the minima are "
+        "compared at the same height: the Hessian of the cross-entropy shrinks as the loss goes to "
+        "zero, so a solution trained further looks flatter for that reason alone.",
+    ),
+}
+
+
+def results_table(runs: dict[str, list[dict[str, Any]]], cfg: Config) -> list[str]:
+    lines = ["| measure | " + " | ".join(runs) + " |", "| --- | " + " | ".join("---" for _ in runs) + " |"]
+    for key, label in ROWS:
+        label = label.format(rho=cfg.adaptive_rho)
+        cells = " | ".join(mean_std([r[key] for r in rs]) for rs in runs.values())
+        lines.append(f"| {label} | {cells} |")
+    eig = "; ".join(
+        f"{name}: " + ", ".join(f"{v:.3g}" for v in rs[0]["eigenvalues"]) for name, rs in runs.items()
+    )
+    return [*lines, "", f"Top-{cfg.top_k} Hessian eigenvalues (seed {cfg.seeds[0]}): {eig}"]
+
+
+def write_report(out: Path, cfg: Config, by_protocol: dict, extras: dict, seconds: float) -> None:
     lines = [
         "# Batch-size study: do large batches find sharper minima that generalize worse?",
         "",
@@ -277,62 +342,68 @@ def write_report(out: Path, cfg: Config, runs: dict, extras: dict, seconds: floa
         f"{torch.__version__}, device {cfg.device}) in {seconds / 60:.1f} minutes.",
         "",
         "**Setup.** scikit-learn's handwritten digits (1,437 train / 360 test, 8×8 pixels, 10 classes), an "
-        f"MLP 64-{cfg.hidden}-{cfg.hidden}-10 (ReLU), Adam (lr {cfg.lr}), trained from the same "
-        f"initialization per seed until the full training loss is ≤ {cfg.target_loss:g}. SB: batch "
-        f"{cfg.small_batch}; LB: batch {cfg.large_batch} ({100 * cfg.large_batch / 1437:.0f} % of the "
-        f"training set); hybrid: batch {cfg.small_batch} for {cfg.hybrid_sb_epochs} epochs, then "
-        f"{cfg.large_batch}. Seeds: {', '.join(map(str, cfg.seeds))}. Measures on the training loss, "
-        "eval mode, float32.",
+        f"MLP 64-{cfg.hidden}-{cfg.hidden}-10 (ReLU), Adam (lr {cfg.lr}) as in Keskar et al., the same "
+        f"initialization and data order seed for every regime of a seed. SB: batch {cfg.small_batch}; LB: "
+        f"batch {cfg.large_batch} ({100 * cfg.large_batch / 1437:.0f} % of the training set); hybrid: batch "
+        f"{cfg.small_batch} for {cfg.hybrid_sb_epochs} epochs, then {cfg.large_batch}. Seeds: "
+        f"{', '.join(map(str, cfg.seeds))}. All measures are on the full training loss, eval mode, float32. "
+        "Two protocols: equal epochs, as in the paper, and equal training loss.",
         "",
-        "## Verdict",
+        "## Summary",
         "",
-        *verdict(runs),
+        *summary(by_protocol),
         "",
-        "## Results (mean ± std over seeds)",
-        "",
-        "| measure | " + " | ".join(runs) + " |",
-        "| --- | " + " | ".join("---" for _ in runs) + " |",
     ]
-    for key, label in ROWS:
-        label = label.format(rho=cfg.adaptive_rho)
-        lines.append(
-            f"| {label} | " + " | ".join(mean_std([r[key] for r in rs]) for rs in runs.values()) + " |"
-        )
+    for protocol, runs in by_protocol.items():
+        title, text = PROTOCOLS[protocol]
+        lines += [
+            f"## {title}",
+            "",
+            text.format(epochs=cfg.epochs, hybrid=cfg.hybrid_sb_epochs, target=cfg.target_loss),
+            "",
+            "### Verdict",
+            "",
+            *verdict(runs),
+            "",
+            "### Results (mean ± std over seeds)",
+            "",
+            *results_table(runs, cfg),
+            "",
+            "### Figures",
+            "",
+            "Interpolation between the SB and LB solutions of the first seed, θ(α) = (1 − α) θ_SB + α θ_LB "
+            "(Keskar et al. Fig. 3), on the training and test data:",
+            "",
+            f"![interpolation](interpolation_{protocol}.png)",
+            "",
+            "2-D loss landscapes around the SB and LB solutions along two filter-normalized random "
+            "directions (Li et al., 2018; same seed for both):",
+            "",
+            f"![landscapes](landscapes_{protocol}.png)",
+            "",
+        ]
     lines += [
+        "## Sharpness against the generalization gap",
         "",
-        f"Top-{cfg.top_k} Hessian eigenvalues (seed {cfg.seeds[0]}): "
-        + "; ".join(
-            f"{name}: " + ", ".join(f"{v:.3g}" for v in rs[0]["eigenvalues"]) for name, rs in runs.items()
-        ),
-        "",
-        "## Figures",
-        "",
-        "Interpolation between the SB and LB solutions, θ(α) = (1 − α) θ_SB + α θ_LB (Keskar et al. Fig. 3):",
-        "",
-        "![interpolation](interpolation.png)",
-        "",
-        "2-D loss landscapes around each solution along two filter-normalized random directions (Li et al.):",
-        "",
-        "![landscapes](landscapes.png)",
-        "",
-        "Sharpness against the generalization gap, one point per run:",
+        "One point per run, both protocols:",
         "",
         "![sharpness vs gap](sharpness_vs_gap.png)",
         "",
         "## Caveats",
         "",
-        "- Keskar's φ is not invariant to reparametrization (Dinh et al., 2017): rescaling layers of a ReLU "
-        "network changes it without changing the function. The adaptive sharpness row is invariant to that.",
-        "- Small data and a small MLP: this is a test of the claim at this scale, not of Keskar's networks.",
-        f"- Sharpness is a 10-iteration L-BFGS-B maximization (a lower bound on the box maximum); "
-        f"eigenvalues converged to tol 1e-3 in all runs: {extras['all_converged']}.",
+        "- Keskar's φ is not invariant to reparametrization (Dinh et al., 2017): rescaling the layers of a "
+        "ReLU network changes it without changing the function. The adaptive sharpness row is invariant to "
+        "that rescaling.",
+        "- Small data and a small MLP: this tests the claim at this scale, not on Keskar's networks.",
+        "- Keskar's φ here is a 10-iteration L-BFGS-B maximization (a lower bound on the box maximum); "
+        f"all Lanczos eigenpairs converged to tol 1e-3: {extras['all_converged']}.",
         "",
         "Raw numbers for every run: `results.json`.",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def figures(out: Path, runs: dict, interp: Any, interp_test: Any, grids: dict) -> None:
+def figures(out: Path, by_protocol: dict, curves: dict, grids: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,36 +411,45 @@ def figures(out: Path, runs: dict, interp: Any, interp_test: Any, grids: dict) -
 
     from flatness import plot
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    plot.plot_1d(interp, ax=ax[0], log=True, label="train")
-    plot.plot_1d(interp_test, ax=ax[0], log=True, label="test")
-    ax[0].set_title("loss along (1 − α) θ_SB + α θ_LB")
-    ax[0].legend()
-    for res, name in ((interp, "train"), (interp_test, "test")):
-        ax[1].plot(res.alphas, 100 * res.metrics["accuracy"], label=name)
-    ax[1].set_xlabel("α")
-    ax[1].set_ylabel("accuracy (%)")
-    ax[1].set_title("accuracy (α = 0: SB, α = 1: LB)")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "interpolation.png", dpi=110)
-    plt.close(fig)
+    for protocol, (interp, interp_test) in curves.items():
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        plot.plot_1d(interp, ax=ax[0], log=True, label="train")
+        plot.plot_1d(interp_test, ax=ax[0], log=True, label="test")
+        ax[0].set_title(f"loss along (1 − α) θ_SB + α θ_LB ({protocol})")
+        ax[0].legend()
+        for res, name in ((interp, "train"), (interp_test, "test")):
+            ax[1].plot(res.alphas, 100 * res.metrics["accuracy"], label=name)
+        ax[1].set_xlabel("α")
+        ax[1].set_ylabel("accuracy (%)")
+        ax[1].set_title("accuracy (α = 0: SB, α = 1: LB)")
+        ax[1].legend()
+        fig.tight_layout()
+        fig.savefig(out / f"interpolation_{protocol}.png", dpi=110)
+        plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(5.5 * len(grids), 4.5))
-    for ax_, (name, grid) in zip(np.atleast_1d(axes), grids.items(), strict=True):
-        plot.plot_contour(grid, ax=ax_, log=True, filled=True)
-        ax_.set_title(f"{name} (log loss)")
-    fig.tight_layout()
-    fig.savefig(out / "landscapes.png", dpi=110)
-    plt.close(fig)
+        pair = grids[protocol]
+        fig, axes = plt.subplots(1, len(pair), figsize=(5.5 * len(pair), 4.5))
+        for ax_, (name, grid) in zip(np.atleast_1d(axes), pair.items(), strict=True):
+            plot.plot_contour(grid, ax=ax_, log=True, filled=True)
+            ax_.set_title(f"{name}, {protocol} protocol (log loss)")
+        fig.tight_layout()
+        fig.savefig(out / f"landscapes_{protocol}.png", dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, rs in runs.items():
-        ax.scatter([r["sharpness_0.001"] for r in rs], [r["gap"] for r in rs], label=name)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    markers = {"epochs": "o", "loss": "s"}
+    for protocol, runs in by_protocol.items():
+        for name, rs in runs.items():
+            ax.scatter(
+                [r["sharpness_0.001"] for r in rs],
+                [r["gap"] for r in rs],
+                marker=markers.get(protocol, "o"),
+                label=f"{name} ({protocol})",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("Keskar φ, ε = 1e-3 (%)")
     ax.set_ylabel("test − train loss")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "sharpness_vs_gap.png", dpi=110)
     plt.close(fig)
@@ -381,13 +461,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="study-report", help="folder for the report (created)")
-    parser.add_argument("--quick", action="store_true", help="2 seeds, looser target, smaller grids (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, fewer epochs, smaller grids (~1 min)")
     parser.add_argument("--device", default="cpu", help="e.g. cuda")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
+    parser.add_argument("--protocols", default=None, help="comma-separated: epochs,loss (default both)")
     args = parser.parse_args(argv)
     cfg = Config.quick(args.device) if args.quick else Config(device=args.device)
     if args.seeds is not None:
         cfg.seeds = tuple(range(args.seeds))
+    if args.protocols is not None:
+        cfg.protocols = tuple(p for p in args.protocols.split(",") if p)
+        unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
+        if unknown or not cfg.protocols:
+            parser.error(f"--protocols: unknown {unknown}; choose from {list(PROTOCOLS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -395,70 +481,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te = load_digits_split(cfg.device)
     train_data = batches(x_tr, y_tr, cfg.eval_batch)
     test_data = batches(x_te, y_te, cfg.eval_batch)
+    sb, lb, e_sb = cfg.small_batch, cfg.large_batch, cfg.hybrid_sb_epochs
     schedules = {
-        "SB": [(cfg.small_batch, cfg.max_epochs_sb)],
-        "LB": [(cfg.large_batch, cfg.max_epochs_lb)],
-        "hybrid": [(cfg.small_batch, cfg.hybrid_sb_epochs), (cfg.large_batch, cfg.max_epochs_lb)],
+        "epochs": {
+            "SB": [(sb, cfg.epochs)],
+            "LB": [(lb, cfg.epochs)],
+            "hybrid": [(sb, e_sb), (lb, cfg.epochs - e_sb)],
+        },
+        "loss": {
+            "SB": [(sb, cfg.max_epochs_sb)],
+            "LB": [(lb, cfg.max_epochs_lb)],
+            "hybrid": [(sb, e_sb), (lb, cfg.max_epochs_lb)],
+        },
     }
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in schedules}
-    models: dict[tuple[str, int], nn.Module] = {}
-    for seed in cfg.seeds:
-        for name, schedule in schedules.items():
-            t0 = time.perf_counter()
-            model = make_model(seed, cfg.hidden, cfg.device)
-            info = train(model, x_tr, y_tr, schedule, cfg, seed)
-            tr_loss, tr_acc = evaluate(model, train_data)
-            te_loss, te_acc = evaluate(model, test_data)
-            row = {
-                "seed": seed,
-                **info,
-                "train_loss": tr_loss,
-                "train_acc": tr_acc,
-                "test_loss": te_loss,
-                "test_acc": te_acc,
-                "gap": te_loss - tr_loss,
-                "train_seconds": time.perf_counter() - t0,
-            }
-            row.update(measure(model, train_data, cfg, seed))
-            runs[name].append(row)
-            models[(name, seed)] = model
-            print(
-                f"[{time.perf_counter() - start:6.1f}s] seed {seed} {name:6s} epochs {info['epochs']:4d} "
-                f"test acc {100 * te_acc:5.2f}% gap {row['gap']:.3f} φ {row['sharpness_0.001']:.3g} "
-                f"λ1 {row['lambda_max']:.3g}",
-                flush=True,
-            )
+    by_protocol: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    models: dict[tuple[str, str, int], nn.Module] = {}
+    for protocol in cfg.protocols:
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in schedules[protocol]}
+        for seed in cfg.seeds:
+            for name, schedule in schedules[protocol].items():
+                t0 = time.perf_counter()
+                model = make_model(seed, cfg.hidden, cfg.device)
+                info = train(model, x_tr, y_tr, schedule, cfg, seed, stop_at_target=protocol == "loss")
+                tr_loss, tr_acc = evaluate(model, train_data)
+                te_loss, te_acc = evaluate(model, test_data)
+                row = {
+                    "seed": seed,
+                    **info,
+                    "train_loss": tr_loss,
+                    "train_acc": tr_acc,
+                    "test_loss": te_loss,
+                    "test_acc": te_acc,
+                    "gap": te_loss - tr_loss,
+                    "train_seconds": time.perf_counter() - t0,
+                }
+                row.update(measure(model, train_data, cfg, seed))
+                runs[name].append(row)
+                models[(protocol, name, seed)] = model
+                print(
+                    f"[{time.perf_counter() - start:6.1f}s] {protocol:6s} seed {seed} {name:6s} "
+                    f"epochs {info['epochs']:4d} train loss {tr_loss:.2e} test acc {100 * te_acc:5.2f}% "
+                    f"gap {row['gap']:.3f} φ {row['sharpness_0.001']:.3g} λ1 {row['lambda_max']:.3g}",
+                    flush=True,
+                )
+        by_protocol[protocol] = runs
 
     seed0 = cfg.seeds[0]
-    sb, lb = models[("SB", seed0)], models[("LB", seed0)]
     alphas = np.linspace(-1.0, 2.0, cfg.interp_points)
-    metrics = {"accuracy": accuracy}
-    interp = interpolate(sb, lb, F.cross_entropy, train_data, alphas=alphas, metrics=metrics)
-    interp_test = interpolate(sb, lb, F.cross_entropy, test_data, alphas=alphas, metrics=metrics)
     coords = np.linspace(-1.0, 1.0, cfg.grid_points)
-    grids = {
-        name: landscape_2d(
-            models[(name, seed0)], F.cross_entropy, train_data, alphas=coords, betas=coords, seed=seed0
+    metrics = {"accuracy": accuracy}
+    curves, grids = {}, {}
+    for protocol in cfg.protocols:
+        m_sb, m_lb = models[(protocol, "SB", seed0)], models[(protocol, "LB", seed0)]
+        curves[protocol] = tuple(
+            interpolate(m_sb, m_lb, F.cross_entropy, data, alphas=alphas, metrics=metrics)
+            for data in (train_data, test_data)
         )
-        for name in ("SB", "LB")
+        grids[protocol] = {
+            name: landscape_2d(m, F.cross_entropy, train_data, alphas=coords, betas=coords, seed=seed0)
+            for name, m in (("SB", m_sb), ("LB", m_lb))
+        }
+    extras = {
+        "all_converged": all(
+            r["eig_converged"] for runs in by_protocol.values() for rs in runs.values() for r in rs
+        )
     }
-    extras = {"all_converged": all(r["eig_converged"] for rs in runs.values() for r in rs)}
     seconds = time.perf_counter() - start
     results = {
         "config": dataclasses.asdict(cfg),
-        "runs": runs,
-        "interpolation": {"train": interp.to_dict(), "test": interp_test.to_dict()},
-        "landscape_loss": {k: g.loss.tolist() for k, g in grids.items()},
+        "runs": by_protocol,
+        "interpolation": {
+            protocol: {
+                "alphas": pair[0].alphas.tolist(),
+                "train_loss": pair[0].loss.tolist(),
+                "test_loss": pair[1].loss.tolist(),
+                "train_accuracy": pair[0].metrics["accuracy"].tolist(),
+                "test_accuracy": pair[1].metrics["accuracy"].tolist(),
+            }
+            for protocol, pair in curves.items()
+        },
+        "landscape_loss": {p: {k: g.loss.tolist() for k, g in pair.items()} for p, pair in grids.items()},
         "seconds": seconds,
     }
-    for res in results["interpolation"].values():
-        res.pop("directions", None)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     try:
-        figures(out, runs, interp, interp_test, grids)
+        figures(out, by_protocol, curves, grids)
     except ImportError as err:  # matplotlib is an optional extra
         print(f"figures skipped: {err}", file=sys.stderr)
-    write_report(out, cfg, runs, extras, seconds)
+    write_report(out, cfg, by_protocol, extras, seconds)
     print(f"report: {out / 'README.md'} ({seconds / 60:.1f} min)")
     return results
 

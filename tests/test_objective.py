@@ -81,7 +81,7 @@ def test_loss_grad_hvp_match_dense_hessian(case, mode):
     assert obj.hvp_mode_used == mode
 
 
-def test_auto_falls_back_to_reverse_mode_when_forward_ad_fails():
+def test_auto_uses_reverse_mode_where_forward_ad_fails():
     x, y = tied_data()
     model = TiedModel().double()
     obj = Objective(model, F.mse_loss, (x, y))

@@ -45,6 +45,13 @@ def test_1d_with_accuracy_axis(results):
     plt.close("all")
 
 
+def test_1d_curves_on_one_axes_get_distinct_colours(results):
+    ax = fplot.plot_1d(results[0], label="train")
+    fplot.plot_1d(results[0], ax=ax, label="test")
+    assert ax.lines[0].get_color() != ax.lines[1].get_color()
+    plt.close("all")
+
+
 def test_contour_and_surface(results):
     ax = fplot.plot_contour(results[1], log=True, filled=True)
     star = [line for line in ax.lines if line.get_marker() == "*"]

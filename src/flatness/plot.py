@@ -76,7 +76,10 @@ def plot_1d(
     if loss.ndim != 1:
         raise TypeError(f"result: expected a 1-D landscape, got loss of shape {loss.shape}; use plot_contour")
     ax = _new_ax(ax)
-    ax.plot(alphas, loss, "C0-", label=label or "loss")
+    # A fixed colour only when a metric shares the figure; otherwise the next colour of the
+    # cycle, so that several curves drawn on one Axes stay distinguishable.
+    style = {"color": "C0"} if metric is not None else {}
+    ax.plot(alphas, loss, "-", label=label or "loss", **style)
     ax.set_xlabel("α")
     ax.set_ylabel("loss")
     if log:
