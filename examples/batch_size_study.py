@@ -198,7 +198,7 @@ def mean_std(values: list[float]) -> str:
 
 
 ROWS = [
-    ("epochs", "epochs to the target loss"),
+    ("epochs", "epochs trained"),
     ("train_loss", "train loss"),
     ("train_acc", "train accuracy"),
     ("test_loss", "test loss"),
