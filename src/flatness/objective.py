@@ -655,4 +655,5 @@ def check_positive(name: str, value: Any, *, integer: bool = False, allow_none: 
         what = "an int" if integer else "a number"
         raise TypeError(f"{name}: expected {what} > 0, got {value!r}")
     if not value > 0 or (not integer and not math.isfinite(value)):
-        raise ValueError(f"{name}: got {value!r}; expected a finite value > 0")
+        what = "an int" if integer else "a finite number"
+        raise ValueError(f"{name}: got {value!r}; expected {what} > 0")
