@@ -233,6 +233,9 @@ class Objective:
         self.n_grad = 0
         self.n_hvp = 0
         self.n_passes = 0
+        # evaluate_many: whether vmap works, per kind of call (metrics, buffers); the path last used.
+        self._vmap_ok: dict[tuple[tuple[str, ...], tuple[str, ...]], bool] = {}
+        self.last_vectorized: bool | None = None
         # benchmarks/bench_hvp.py: double backward 2.3-2.8x a gradient pass on the CNN, 3.1-4.8x on
         # the MLP; forward-over-reverse 2.9-3.3x and 6.4-8.7x (torch 2.13, CPU).
         self._forward = hvp_mode == "forward"
@@ -607,7 +610,7 @@ class Objective:
 
         # Whether vmap works depends on the model and on the metrics: remember it per kind of call.
         key = (tuple(names), tuple(bufs))
-        cached = self.__dict__.setdefault("_vmap_ok", {}).get(key)
+        cached = self._vmap_ok.get(key)
         mode = {
             "vmap": False if (vectorize is False or self.train) else (True if vectorize is True else cached)
         }
@@ -633,7 +636,7 @@ class Objective:
         _, total = self._pass(per_batch, "losses", extra_numel=k * width, check_finite=False)
         assert total is not None
         if vectorize == "auto" and not self.train and mode["vmap"] is not None:
-            self.__dict__["_vmap_ok"][key] = mode["vmap"]
+            self._vmap_ok[key] = mode["vmap"]
         self.last_vectorized = bool(mode["vmap"])
         table = total.reshape(k, width)
         return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
