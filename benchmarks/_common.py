@@ -83,6 +83,16 @@ def mlp_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed:
     return model, nn.functional.cross_entropy, _batches(x.to(device), y.to(device), batch_size)
 
 
+def small_mlp_problem(n: int = 128, batch_size: int = 128, device: str = "cpu", seed: int = 0):
+    """(model, loss_fn, batches) for a small MLP (64-32-32-10, 3,466 params): per-point overhead dominates."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = make_mlp(hidden=32).to(device)
+    x = torch.randn(n, 64, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return model, nn.functional.cross_entropy, _batches(x.to(device), y.to(device), batch_size)
+
+
 def cnn_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0):
     """(model, loss_fn, batches) for the benchmark CNN with BatchNorm on synthetic 28×28 images."""
     g = torch.Generator().manual_seed(seed)

@@ -118,6 +118,84 @@ def test_evaluate_many_errors_and_train_mode():
     torch.testing.assert_close(tr.evaluate_many(thetas)[0], torch.stack([tr.loss(t) for t in thetas]))
 
 
+def test_evaluate_many_along_directions_equals_dense_points():
+    model = make_cnn()
+    x, y = image_data()
+    obj = Objective(model, ce, split(x, y, [3, len(x) - 3]))
+    g = torch.Generator().manual_seed(2)
+    D = 0.1 * torch.randn(2, obj.n, generator=g, dtype=obj.dtype)
+    C = torch.randn(5, 2, generator=g, dtype=obj.dtype)
+    origin = obj.theta0 + 0.05 * torch.randn(obj.n, generator=g, dtype=obj.dtype)
+    expected = torch.stack([obj.loss(obj.theta0 + c @ D) for c in C])
+    expected_o = torch.stack([obj.loss(origin + c @ D) for c in C])
+    for vectorize in (True, False):
+        losses, _ = obj.evaluate_many(C, directions=D, vectorize=vectorize, chunk_size=2)
+        assert obj.last_vectorized is vectorize
+        torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
+        losses, _ = obj.evaluate_many(C.numpy(), directions=D, origin=origin, vectorize=vectorize)
+        torch.testing.assert_close(losses, expected_o, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="directions"):
+        obj.evaluate_many(C, directions=D[:, :-1])
+    with pytest.raises(ValueError, match="thetas"):
+        obj.evaluate_many(C[:, :1], directions=D)
+    with pytest.raises(TypeError, match="origin"):
+        obj.evaluate_many(obj.theta0[None], origin=origin)
+    with pytest.raises(ValueError, match="origin"):
+        obj.evaluate_many(C, directions=D, origin=origin[:-1])
+
+
+def test_evaluate_many_loop_with_mixed_dtypes_and_stateful_buffers():
+    class Counter(nn.Module):
+        """Its output depends on a buffer its forward updates in place (train mode only)."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)  # float32
+            self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+            self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x):
+            if self.training:
+                self.count += 1
+            return self.lin(x.float()).double() * self.scale * (1 + self.count)
+
+    torch.manual_seed(0)
+    x, y = classification_data()
+    for train in (False, True):
+        model = Counter()
+        before = snapshot(model)
+        obj = Objective(model, ce, split(x, y, [10, 13]), train=train)
+        assert obj.dtype == torch.float64
+        thetas = obj.theta0 + 0.2 * torch.randn(4, obj.n, dtype=obj.dtype, generator=torch.Generator())
+        losses, _ = obj.evaluate_many(thetas, vectorize=False)
+        torch.testing.assert_close(losses, torch.stack([obj.loss(t) for t in thetas]))
+        assert_untouched(model, before)
+
+
+def test_evaluate_many_loop_restores_model_when_forward_raises():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3).double()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom")
+            return self.lin(x)
+
+    model = Fails()
+    weight = model.lin.weight
+    before = snapshot(model)
+    x, y = classification_data()
+    obj = Objective(model, ce, (x, y))
+    with pytest.raises(RuntimeError, match="boom"):
+        obj.evaluate_many(obj.theta0[None].repeat(5, 1), vectorize=False)
+    assert model.lin.weight is weight and isinstance(model.lin._parameters["weight"], nn.Parameter)
+    assert_untouched(model, before)
+
+
 # ---------------------------------------------------------------------------- quadratic oracles
 @given(n=st.integers(1, 6), seed=st.integers(0, 10_000), scale=st.floats(0.1, 3.0))
 def test_slice_1d_is_exact_on_quadratic(n, seed, scale):

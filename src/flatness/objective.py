@@ -10,7 +10,8 @@ so L does not depend on how the same samples are split into batches (partial las
 included). ∇L and the Hessian-vector product H(θ)v = ∇²L(θ)v follow by linearity.
 
 Every other capability of flatness reaches the data only through :class:`Objective`. The
-model is evaluated with ``torch.func.functional_call`` on tensors of our own, so its
+model is evaluated with ``torch.func.functional_call`` on tensors of our own (grids swap
+the tensors in once per batch, by the same mechanism, and refill them per point), so its
 parameters and buffers are never written; modes, flags and random states are restored
 after every call (see :mod:`flatness._guard`).
 """
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module  # what functional_call runs
 
 from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch
@@ -460,6 +462,8 @@ class Objective:
         self,
         thetas: Any,
         *,
+        directions: Any = None,
+        origin: Any = None,
         buffers: dict[str, torch.Tensor] | None = None,
         metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
         vectorize: bool | Literal["auto"] = "auto",
@@ -473,11 +477,17 @@ class Objective:
 
         Each batch is fetched once and evaluated at all k points: with ``torch.func.vmap`` over
         the points (chunks of ``chunk_size``) where the model allows it (eval mode, no random
-        or data-dependent ops), else a loop over the points; the numbers agree to float
-        rounding. Non-finite values are returned as they are (NaN / inf), not raised.
+        or data-dependent ops), else a loop over the points that swaps the model's tensors for
+        ours once per batch and only refills them per point (no per-point ``functional_call``
+        overhead). The numbers agree to float rounding. Non-finite values are returned as they
+        are (NaN / inf), not raised.
 
         Args:
-            thetas: a ``(k, n)`` tensor or array of flat parameter vectors.
+            thetas: a ``(k, n)`` tensor or array of flat parameter vectors; or, with
+                ``directions``, a ``(k, r)`` array of coordinates ``c_i``.
+            directions: an ``(r, n)`` tensor D; the points are then θ_i = origin + c_iᵀ D and
+                no ``(k, n)`` array is ever formed (grids over lines and planes).
+            origin: the ``(n,)`` origin for ``directions``; default the model's θ₀.
             buffers: optional per-point buffer values, ``{name: tensor of shape (k, *buffer.shape)}``
                 (e.g. interpolated BatchNorm statistics); other buffers are the model's.
             metrics: optional ``{name: metric(outputs, targets) -> scalar}`` (e.g. accuracy),
@@ -496,14 +506,28 @@ class Objective:
             TypeError: metrics with ``batch_loss``, or arguments of the wrong type.
             ValueError: wrong shapes, unknown buffer names, ``vectorize=True`` with ``train=True``.
         """
-        if isinstance(thetas, np.ndarray):
-            thetas = torch.from_numpy(thetas)
-        if not isinstance(thetas, torch.Tensor):
-            raise TypeError(f"thetas: expected a (k, n) tensor or array, got {type(thetas).__name__}")
-        if thetas.ndim != 2 or thetas.shape[1] != self.n or thetas.shape[0] == 0:
-            raise ValueError(f"thetas: got shape {tuple(thetas.shape)}; expected (k, {self.n}) with k >= 1")
-        thetas = thetas.detach().to(device=self.device, dtype=self.dtype)
+        thetas = self._as_matrix(thetas, "thetas")
+        if directions is None:
+            if origin is not None:
+                raise TypeError("origin: only used with directions; pass the points as thetas (k, n)")
+            if thetas.shape[1] != self.n:
+                raise ValueError(
+                    f"thetas: got shape {tuple(thetas.shape)}; expected (k, {self.n}) with k >= 1"
+                )
+            dirs = None
+            base = None
+        else:
+            dirs = self._as_matrix(directions, "directions")
+            if dirs.shape[1] != self.n:
+                raise ValueError(f"directions: got shape {tuple(dirs.shape)}; expected (r, {self.n})")
+            if thetas.shape[1] != dirs.shape[0]:
+                raise ValueError(
+                    f"thetas: got coordinates of shape {tuple(thetas.shape)}; with {dirs.shape[0]} "
+                    f"directions expected (k, {dirs.shape[0]})"
+                )
+            base = self.theta0 if origin is None else self._as_vector(origin, "origin")
         k = thetas.shape[0]
+        coords = thetas.detach().cpu().double().numpy() if dirs is not None else None
         bufs: dict[str, torch.Tensor] = {}
         if buffers is not None:
             if not isinstance(buffers, dict):
@@ -545,15 +569,12 @@ class Objective:
             raise ValueError(f"chunk_size: got {chunk_size!r}; expected a positive int or None")
         chunk_box = {"size": chunk_size}
         names = list(metrics)
-        width = 1 + len(names)
         loss_fn = self._module._loss_fn
 
-        def values(theta: torch.Tensor, point_bufs: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
-            state = self._state(theta)
-            for bname, b in point_bufs.items():
-                state["model." + bname] = b.clone() if self.train else b
+        def compute(batch: Any) -> torch.Tensor:
+            """Loss and metrics of one batch at the parameters now swapped into the model."""
             if not names:
-                loss = functional_call(self._module, state, (batch,), tie_weights=self._tied, strict=False)
+                loss = self._module(batch)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                     raise ValueError(f"loss_fn: the loss of a batch has shape {shape}; it must be a scalar")
@@ -561,10 +582,7 @@ class Objective:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError("data: metrics need (inputs, targets) batches")
             inputs, targets = batch
-            model_state = {key[len("model.") :]: v for key, v in state.items()}
-            outputs = functional_call(
-                self.model, model_state, (inputs,), tie_weights=self._tied, strict=False
-            )
+            outputs = self.model(inputs)
             out = [loss_fn(outputs, targets)]  # type: ignore[misc]
             out += [metrics[m](outputs, targets) for m in names]
             return torch.stack(
@@ -573,6 +591,11 @@ class Objective:
                     for v in out
                 ]
             )
+
+        def rows(sl: slice) -> torch.Tensor:
+            if dirs is None:
+                return thetas[sl]
+            return torch.addmm(base[None], thetas[sl], dirs)  # type: ignore[index]
 
         def auto_chunk(batch: Any) -> int:
             # Activations scale with the inputs; a rough, safe bound keeps memory in check.
@@ -586,34 +609,71 @@ class Objective:
             if chunk_box["size"] is None:
                 chunk_box["size"] = min(k, auto_chunk(batch))
             chunk = chunk_box["size"]
+
+            def one(theta: torch.Tensor, point_bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+                state = self._state(theta)
+                for bname, b in point_bufs.items():
+                    state["model." + bname] = b
+                with _reparametrize_module(self._module, state, tie_weights=self._tied, strict=False):
+                    return compute(batch)
+
+            fn = torch.func.vmap(one, in_dims=(0, 0), randomness="error")
             pieces = []
             for start in range(0, k, chunk):
                 sl = slice(start, start + chunk)
-                chunk_bufs = {bname: b[sl] for bname, b in bufs.items()}
-                fn = torch.func.vmap(lambda t, pb: values(t, pb, batch), in_dims=(0, 0), randomness="error")
-                pieces.append(fn(thetas[sl], chunk_bufs))
+                pieces.append(fn(rows(sl), {bname: b[sl] for bname, b in bufs.items()}))
             return torch.cat(pieces)
 
         def run_loop(batch: Any) -> torch.Tensor:
-            # In train mode every point replays the batch's random stream, as a single-θ pass would.
+            # The model's tensors are swapped for ours once per batch; each point only refills
+            # them. In train mode every point restarts from the model's buffers and replays the
+            # batch's random stream, as a single-θ pass would.
+            work = torch.empty(self.n, dtype=self.dtype, device=self.device)
+            state = self._state(work)
+            views = [state["model." + n] for n in self.names]
+            cast = any(
+                v.data_ptr() != w.data_ptr()
+                for v, w in zip(views, torch.split(work, self.numels), strict=True)
+            )
+            point_bufs = {bname: state["model." + bname] for bname in bufs}  # our copies
+            fresh = [(state["model." + bn], self._const(b)) for bn, b in self._buffers.items()]
             replay = self.train and k > 1
             rng = torch.random.get_rng_state() if replay else None
             cuda = torch.cuda.get_rng_state_all() if replay and torch.cuda.is_initialized() else None
-            rows = []
-            for i in range(k):
-                if replay:
-                    torch.random.set_rng_state(rng)  # type: ignore[arg-type]
-                    if cuda is not None:
-                        torch.cuda.set_rng_state_all(cuda)
-                rows.append(values(thetas[i], {bname: b[i] for bname, b in bufs.items()}, batch))
-            return torch.stack(rows)
+            out = []
+            with _reparametrize_module(self._module, state, tie_weights=self._tied, strict=False):
+                for i in range(k):
+                    if coords is None:
+                        work.copy_(thetas[i])
+                    else:
+                        torch.add(base, dirs[0], alpha=float(coords[i, 0]), out=work)  # type: ignore[index,arg-type]
+                        for j in range(1, coords.shape[1]):
+                            work.add_(dirs[j], alpha=float(coords[i, j]))  # type: ignore[index]
+                    if cast:  # parameters kept in their own dtypes: refill the cast copies
+                        for v, w in zip(views, torch.split(work, self.numels), strict=True):
+                            v.copy_(w.view(v.shape))
+                    if self.train:
+                        for dst, src in fresh:
+                            dst.copy_(src)
+                    for bname, b in point_bufs.items():
+                        b.copy_(bufs[bname][i])
+                    if replay:
+                        torch.random.set_rng_state(rng)  # type: ignore[arg-type]
+                        if cuda is not None:
+                            torch.cuda.set_rng_state_all(cuda)
+                    out.append(compute(batch))
+            return torch.stack(out)
 
         # Whether vmap works depends on the model and on the metrics: remember it per kind of call.
         key = (tuple(names), tuple(bufs))
         cached = self._vmap_ok.get(key)
-        mode = {
-            "vmap": False if (vectorize is False or self.train) else (True if vectorize is True else cached)
-        }
+        if vectorize is False or self.train:
+            use_vmap: bool | None = False
+        elif vectorize is True:
+            use_vmap = True
+        else:
+            use_vmap = cached
+        mode = {"vmap": use_vmap}
 
         def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
@@ -632,6 +692,7 @@ class Objective:
                     out = run_vmap(batch) if mode["vmap"] else run_loop(batch)
             return torch.zeros((), dtype=self.dtype, device=self.device), out.reshape(-1)
 
+        width = 1 + len(names)
         self.n_loss += k
         _, total = self._pass(per_batch, "losses", extra_numel=k * width, check_finite=False)
         assert total is not None
@@ -640,6 +701,15 @@ class Objective:
         self.last_vectorized = bool(mode["vmap"])
         table = total.reshape(k, width)
         return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
+
+    def _as_matrix(self, m: Any, name: str) -> torch.Tensor:
+        if isinstance(m, np.ndarray):
+            m = torch.from_numpy(m)
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name}: expected a 2-D tensor or array, got {type(m).__name__}")
+        if m.ndim != 2 or m.shape[0] == 0:
+            raise ValueError(f"{name}: got shape {tuple(m.shape)}; expected a 2-D (k, ...) array with k >= 1")
+        return m.detach().to(device=self.device, dtype=self.dtype)
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:

@@ -39,7 +39,6 @@ from flatness.objective import Objective
 __all__ = ["accuracy", "interpolate", "landscape_1d", "landscape_2d"]
 
 Metric = Callable[[Any, Any], Any]
-_THETA_BUDGET_BYTES = 2**27  # points of one pass: k × n numbers kept under ~128 MiB
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -165,7 +164,10 @@ def _run_grid(
     obj: Objective,
     cls: type[LandscapeResult],
     *,
-    theta_of: Callable[[torch.Tensor], torch.Tensor],
+    coords_of: Callable[[np.ndarray], np.ndarray],
+    dirs: torch.Tensor,
+    origin: torch.Tensor | None,
+    center_coords: np.ndarray,
     buffers_of: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None,
     alphas: np.ndarray,
     betas: np.ndarray | None,
@@ -202,11 +204,11 @@ def _run_grid(
     ):
         raise ValueError(f"points_per_pass: got {points_per_pass!r}; expected a positive int or None")
     if points_per_pass is None:
-        itemsize = torch.empty((), dtype=obj.dtype).element_size()
-        points_per_pass = max(1, _THETA_BUDGET_BYTES // (obj.n * itemsize))
-        if checkpoint is not None:
-            row = shape[1] if len(shape) == 2 else max(1, math.ceil(total / 10))
-            points_per_pass = min(points_per_pass, row)
+        # Points are coordinates along the directions (no (k, n) array), so one pass can
+        # take the whole grid; with a checkpoint or progress, a row (a tenth in 1-D) per pass.
+        points_per_pass = total
+        if checkpoint is not None or progress:
+            points_per_pass = shape[1] if len(shape) == 2 else max(1, math.ceil(total / 10))
     pending = np.flatnonzero(~done)
     bar = Progress(progress, total=len(pending), desc=f"flatness {cls.kind} grid")
     vectorized: bool | None = None
@@ -236,17 +238,22 @@ def _run_grid(
         groups = [np.zeros(0, dtype=np.int64)]
     try:
         for group in groups:
-            idx = torch.as_tensor(group, dtype=torch.long)
-            thetas = theta_of(idx)
-            bufs = buffers_of(idx) if buffers_of is not None else None
+            coords = coords_of(group)
+            bufs = buffers_of(torch.as_tensor(group, dtype=torch.long)) if buffers_of is not None else None
             with_center = center is None
             if with_center:
                 # The centre rides along with the first pass: no extra pass over the data.
-                thetas = torch.cat([thetas, obj.theta0[None]])
+                coords = np.concatenate([coords, center_coords[None]])
                 if bufs is not None:
                     bufs = {n: torch.cat([b, obj._buffers[n][None].to(b.dtype)]) for n, b in bufs.items()}
             losses, mvals = obj.evaluate_many(
-                thetas, buffers=bufs, metrics=metrics, vectorize=vectorize, chunk_size=chunk_size
+                torch.as_tensor(coords, dtype=obj.dtype, device=obj.device),
+                directions=dirs,
+                origin=origin,
+                buffers=bufs,
+                metrics=metrics,
+                vectorize=vectorize,
+                chunk_size=chunk_size,
             )
             vectorized = obj.last_vectorized
             losses_np = losses.detach().cpu().double().numpy()
@@ -318,8 +325,9 @@ def landscape_1d(
         metrics: ``{name: metric(outputs, targets)}`` evaluated at every point, e.g.
             ``{"accuracy": flatness.landscape.accuracy}``.
         vectorize, chunk_size: see :meth:`flatness.Objective.evaluate_many`.
-        points_per_pass: points evaluated per pass over the data (default: as many as fit
-            ~128 MiB of parameter vectors; a tenth of the grid with ``checkpoint``).
+        points_per_pass: points evaluated per pass over the data (default: the whole grid
+            in one pass; a tenth of it with ``checkpoint`` or ``progress``). Points are
+            coordinates along the directions, so memory does not grow with it.
         resume_from: a path or earlier result of the same grid; only missing points run.
         checkpoint: a .npz path rewritten after every pass (resume with ``resume_from``).
         progress: ``True`` for a progress line, or a callable ``(step, total, info)``.
@@ -350,12 +358,14 @@ def landscape_1d(
             what="direction",
         )
         dv = obj.flatten(d)
-        at = torch.as_tensor(a, dtype=obj.dtype, device=obj.device)
         resume = _resume(resume_from, Landscape1D, a, None, list(metrics_d))
         return _run_grid(  # type: ignore[return-value]
             obj,
             Landscape1D,
-            theta_of=lambda idx: obj.theta0[None] + at[idx.to(obj.device)][:, None] * dv[None],
+            coords_of=lambda idx: a[idx][:, None],
+            dirs=dv[None],
+            origin=None,
+            center_coords=np.zeros(1),
             buffers_of=None,
             alphas=a,
             betas=None,
@@ -408,7 +418,7 @@ def landscape_2d(
         directions: two dicts or flat vectors, or a (2, n) tensor; default seeded random ones.
         normalization, ignore_1d, seed, metrics, vectorize, chunk_size, points_per_pass,
         resume_from, checkpoint, progress, **options: as for :func:`landscape_1d`
-            (``checkpoint`` default: one row of the grid per pass).
+            (``checkpoint`` or ``progress`` default: one row of the grid per pass).
 
     Returns:
         :class:`Landscape2D`; ``.loss[i, j]`` is at ``(alphas[i], betas[j])``.
@@ -442,21 +452,15 @@ def landscape_2d(
             )
             for i in range(2)
         ]
-        d1, d2 = obj.flatten(ds[0]), obj.flatten(ds[1])
-        at = torch.as_tensor(a, dtype=obj.dtype, device=obj.device)
-        bt = torch.as_tensor(b, dtype=obj.dtype, device=obj.device)
         nb = len(b)
-
-        def theta_of(idx: torch.Tensor) -> torch.Tensor:
-            idx = idx.to(obj.device)
-            ai, bj = at[idx // nb][:, None], bt[idx % nb][:, None]
-            return obj.theta0[None] + ai * d1[None] + bj * d2[None]
-
         resume = _resume(resume_from, Landscape2D, a, b, list(metrics_d))
         return _run_grid(  # type: ignore[return-value]
             obj,
             Landscape2D,
-            theta_of=theta_of,
+            coords_of=lambda idx: np.stack([a[idx // nb], b[idx % nb]], axis=1),
+            dirs=torch.stack([obj.flatten(ds[0]), obj.flatten(ds[1])]),
+            origin=None,
+            center_coords=np.zeros(2),
             buffers_of=None,
             alphas=a,
             betas=b,
@@ -553,7 +557,6 @@ def interpolate(
         direction = obj.unflatten(theta_b - theta_a)
         named_a = dict(model_a.named_parameters())
         direction = {n: t.to(named_a[n].dtype).clone() for n, t in direction.items()}
-        at = torch.as_tensor(a, dtype=obj.dtype, device=obj.device)
         buffers_of = None
         if interpolate_buffers:
             bufs_a = {n: t for n, t in model_a.named_buffers() if t.is_floating_point()}
@@ -569,15 +572,15 @@ def interpolate(
                         out[n] = (1 - al) * ba.detach()[None] + al * bb[None]
                     return out
 
-        def theta_of(idx: torch.Tensor) -> torch.Tensor:
-            al = at[idx.to(obj.device)][:, None]
-            return (1 - al) * theta_a[None] + al * theta_b[None]
-
         resume = _resume(resume_from, Interpolation, a, None, list(metrics_d))
         return _run_grid(  # type: ignore[return-value]
             obj,
             Interpolation,
-            theta_of=theta_of,
+            # θ(α) = (1 − α) θ_a + α θ_b: coordinates (1 − α, α) on the directions (θ_a, θ_b).
+            coords_of=lambda idx: np.stack([1 - a[idx], a[idx]], axis=1),
+            dirs=torch.stack([theta_a, theta_b]),
+            origin=torch.zeros_like(theta_a),
+            center_coords=np.array([1.0, 0.0]),
             buffers_of=buffers_of,
             alphas=a,
             betas=None,
