@@ -407,3 +407,83 @@ def test_maximize_ball_quadratic_form():
         max_iter=100,
     )
     assert np.allclose(res.x, target, atol=1e-8)
+
+
+@given(n=st.integers(1, 30), seed=st.integers(0, 10_000), max_iter=st.integers(1, 25))
+def test_lbfgsb_direct_driver_equals_scipy_minimize(n, seed, max_iter):
+    """The O(n)-Python-free driver takes exactly scipy.optimize.minimize's iterates."""
+    from scipy.optimize import Bounds, minimize
+
+    from flatness import _maximize
+
+    if _maximize._setulb is None:
+        pytest.skip("this scipy's L-BFGS-B kernel has another interface; minimize() is used")
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((n, n))
+    H, b = a @ a.T / n + 0.1 * np.eye(n), 3 * rng.standard_normal(n)  # minimizer often outside the box
+    lower = -rng.uniform(0.1, 2.0, n)
+    upper = rng.uniform(0.1, 2.0, n)
+    lower[::4], upper[1::5] = -np.inf, np.inf  # all four kinds of bound
+    x0 = rng.uniform(-0.5, 0.5, n)
+
+    def fun(x):
+        return float(0.5 * x @ H @ x + b @ x), H @ x + b
+
+    seen_direct, seen_scipy = [], []
+    nit, status, message = _maximize._lbfgsb_direct(
+        lambda x: (seen_direct.append(x.copy()), fun(x))[1],
+        x0,
+        lower,
+        upper,
+        maxiter=max_iter,
+        ftol=1e-12,
+        gtol=1e-10,
+        maxcor=10,
+        callback=lambda x: None,
+    )
+    res = minimize(
+        lambda x: (seen_scipy.append(x.copy()), fun(x))[1],
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=Bounds(lower, upper),
+        options={"maxiter": max_iter, "ftol": 1e-12, "gtol": 1e-10, "maxcor": 10},
+    )
+    assert (nit, status, message) == (res.nit, res.status, res.message)
+    assert len(seen_direct) == len(seen_scipy)
+    for u, v in zip(seen_direct, seen_scipy, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_maximize_box_same_result_with_scipy_minimize(monkeypatch):
+    from flatness import _maximize
+
+    rng = np.random.default_rng(0)
+    H = np.diag(rng.uniform(-1, 3, 12))
+    half = np.full(12, 0.3)
+
+    def run():
+        return maximize_box(lambda x: (0.5 * x @ H @ x, H @ x), -half, half, x0=half.copy(), max_iter=20)
+
+    direct = run()
+    monkeypatch.setattr(_maximize, "_setulb", None)
+    fallback = run()
+    np.testing.assert_array_equal(direct.x, fallback.x)
+    assert (direct.fun, direct.nfev, direct.nit, direct.status, direct.message) == (
+        fallback.fun,
+        fallback.nfev,
+        fallback.nit,
+        fallback.status,
+        fallback.message,
+    )
+
+
+def test_single_threaded_blas_restores_thread_counts():
+    from flatness._blas import _controls, _loaded_openblas, single_threaded_blas
+
+    libs = [c for c in map(_controls, _loaded_openblas()) if c is not None]
+    before = [int(get()) for get, _ in libs]
+    with pytest.raises(RuntimeError), single_threaded_blas():
+        assert all(int(get()) == 1 for get, _ in libs)
+        raise RuntimeError
+    assert [int(get()) for get, _ in libs] == before

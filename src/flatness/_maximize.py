@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, minimize
+
+from flatness._blas import single_threaded_blas
 
 __all__ = ["MaximizeResult", "maximize_ball", "maximize_box"]
 
@@ -132,23 +135,108 @@ def maximize_box(
     def count(_xk: np.ndarray) -> None:
         iterations[0] += 1
 
+    start = np.clip(x0, lower, upper)
+    options = {"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol, "maxcor": memory}
     try:
-        res = minimize(
-            negated,
-            np.clip(x0, lower, upper),
-            jac=True,
-            method="L-BFGS-B",
-            bounds=Bounds(lower, upper),
-            callback=count,
-            options={"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol, "maxcor": memory},
-        )
-        nit, status, message = int(res.nit), int(res.status), str(res.message)
+        with single_threaded_blas():
+            if _setulb is not None:
+                nit, status, message = _lbfgsb_direct(negated, start, lower, upper, callback=count, **options)
+            else:
+                res = minimize(
+                    negated,
+                    start,
+                    jac=True,
+                    method="L-BFGS-B",
+                    bounds=Bounds(lower, upper),
+                    callback=count,
+                    options=options,
+                )
+                nit, status, message = int(res.nit), int(res.status), str(res.message)
     except _EvaluationLimit:
         nit, status, message = iterations[0], 1, f"evaluation limit reached (max_evals={max_evals})"
     assert tracker.best_x is not None
     return MaximizeResult(
         x=tracker.best_x, fun=tracker.best_f, nfev=tracker.nfev, nit=nit, status=status, message=message
     )
+
+
+def _find_setulb() -> Callable[..., Any] | None:
+    """scipy's L-BFGS-B kernel when its interface is the one :func:`_lbfgsb_direct` drives.
+
+    ``scipy.optimize.minimize`` turns the bounds into a list of n Python tuples and back and
+    then walks them one coordinate at a time: about 6 s and a GB of Python objects per
+    million parameters. :func:`_lbfgsb_direct` is the same driver loop (scipy >= 1.15, the C
+    kernel) with the bounds prepared by NumPy; other scipy versions use ``minimize``.
+    """
+    try:
+        from scipy.optimize import _lbfgsb
+        from scipy.optimize._lbfgsb_py import status_messages, task_messages
+    except ImportError:
+        return None
+    doc = (getattr(_lbfgsb.setulb, "__doc__", None) or "").replace(" ", "")
+    expected = "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
+    if not doc.startswith(expected) or not isinstance(status_messages, dict) or not task_messages:
+        return None
+    return _lbfgsb.setulb
+
+
+_setulb = _find_setulb()
+
+
+def _lbfgsb_direct(
+    fun: FunAndGrad,
+    x0: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    *,
+    maxiter: int,
+    ftol: float,
+    gtol: float,
+    maxcor: int,
+    callback: Callable[[np.ndarray], None],
+    maxls: int = 20,
+) -> tuple[int, int, str]:
+    """Minimize ``fun`` on the box as ``scipy.optimize.minimize(method="L-BFGS-B")`` does.
+
+    The loop of scipy's ``_minimize_lbfgsb`` (scipy >= 1.15) without its O(n) Python work:
+    the same kernel, arguments, iterates, stopping rules, status and message (tested equal).
+    Returns ``(nit, status, message)``; the points are seen through ``fun``.
+    """
+    from scipy.optimize._lbfgsb_py import status_messages, task_messages
+
+    assert _setulb is not None
+    n, m = x0.shape[0], int(maxcor)
+    has_l, has_u = np.isfinite(lower), np.isfinite(upper)
+    # nbd: 0 unbounded, 1 lower only, 2 both, 3 upper only (scipy's bounds_map).
+    nbd = np.where(has_l, np.where(has_u, 2, 1), np.where(has_u, 3, 0)).astype(np.int32)
+    low = np.where(has_l, lower, 0.0).astype(np.float64)
+    up = np.where(has_u, upper, 0.0).astype(np.float64)
+    x = np.array(x0, dtype=np.float64)
+    f: Any = np.array(0.0, dtype=np.float64)
+    g = np.zeros(n, dtype=np.float64)
+    wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, np.float64)
+    iwa = np.zeros(3 * n, dtype=np.int32)
+    task = np.zeros(2, dtype=np.int32)
+    ln_task = np.zeros(2, dtype=np.int32)
+    lsave = np.zeros(4, dtype=np.int32)
+    isave = np.zeros(44, dtype=np.int32)
+    dsave = np.zeros(29, dtype=np.float64)
+    factr = ftol / np.finfo(float).eps
+    nit = 0
+    while True:
+        g = g.astype(np.float64)
+        _setulb(m, x, low, up, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, maxls, ln_task)
+        if task[0] == 3:  # f and g wanted at x
+            f, g = fun(x.copy())
+        elif task[0] == 1:  # a new iterate
+            nit += 1
+            callback(x)
+            if nit >= maxiter:
+                task[0], task[1] = 5, 504
+        else:
+            break
+    status = 0 if task[0] == 4 else (1 if nit >= maxiter else 2)
+    return nit, status, status_messages[int(task[0])] + ": " + task_messages[int(task[1])]
 
 
 def maximize_ball(
@@ -194,30 +282,31 @@ def maximize_ball(
         norm = float(np.linalg.norm(v))
         return v if norm <= radius else v * (radius / norm)
 
-    x = project(x)
-    f, g = tracker(x)
-    gnorm = float(np.linalg.norm(g))
-    step = radius / gnorm if gnorm > 0 else 1.0
-    status, message, nit = 1, "iteration limit reached", 0
-    while nit < max_iter:
-        if not gnorm > 0:
-            status, message = 0, "the gradient is zero"
-            break
-        step = min(max(step, 1e-12 * radius / gnorm), 1e12 * radius / gnorm)
-        x_new = project(x + step * g)
-        s = x_new - x
-        if float(np.linalg.norm(s)) <= tol * radius:
-            status, message = 0, "converged: the step is below tol * radius"
-            break
-        f_new, g_new = tracker(x_new)
-        nit += 1
-        if f_new >= f:
-            curvature = -float(s @ (g_new - g))
-            step = float(s @ s) / curvature if curvature > 0 else 4.0 * step
-            x, f, g = x_new, f_new, g_new
-            gnorm = float(np.linalg.norm(g))
-        else:
-            step *= 0.25
+    with single_threaded_blas():
+        x = project(x)
+        f, g = tracker(x)
+        gnorm = float(np.linalg.norm(g))
+        step = radius / gnorm if gnorm > 0 else 1.0
+        status, message, nit = 1, "iteration limit reached", 0
+        while nit < max_iter:
+            if not gnorm > 0:
+                status, message = 0, "the gradient is zero"
+                break
+            step = min(max(step, 1e-12 * radius / gnorm), 1e12 * radius / gnorm)
+            x_new = project(x + step * g)
+            s = x_new - x
+            if float(np.linalg.norm(s)) <= tol * radius:
+                status, message = 0, "converged: the step is below tol * radius"
+                break
+            f_new, g_new = tracker(x_new)
+            nit += 1
+            if f_new >= f:
+                curvature = -float(s @ (g_new - g))
+                step = float(s @ s) / curvature if curvature > 0 else 4.0 * step
+                x, f, g = x_new, f_new, g_new
+                gnorm = float(np.linalg.norm(g))
+            else:
+                step *= 0.25
     assert tracker.best_x is not None
     return MaximizeResult(
         x=tracker.best_x, fun=tracker.best_f, nfev=tracker.nfev, nit=nit, status=status, message=message

@@ -195,10 +195,19 @@ def _subspace_matrix(
                 f"subspace: got p={p}; expected 1 <= p <= n = {n} (the number of parameters), "
                 "or None for the full space"
             )
-        # Orthonormal columns (Haar): Q of a Gaussian n×p matrix, signs fixed by diag(R).
-        gauss = torch.randn(n, p, generator=generator, dtype=torch.float64)
-        q, r = torch.linalg.qr(gauss.to(obj.device))
-        q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+        # Orthonormal columns (Haar): Q of a Gaussian n×p matrix G = QR with diag(R) > 0.
+        # Drawn in float32 (4x faster on the CPU), orthonormalized in float64.
+        gauss = torch.randn(n, p, generator=generator).to(device=obj.device, dtype=torch.float64)
+        q = None
+        if n >= 8 * p:
+            # Cholesky QR: R = chol(GᵀG)ᵀ, Q = G R⁻¹ — a few times faster than Householder
+            # and the same Q to rounding: cond(G) ≤ ~2 here, so ‖QᵀQ − I‖ ~ 1e-15.
+            chol, info = torch.linalg.cholesky_ex(gauss.T @ gauss)
+            if int(info) == 0:
+                q = torch.linalg.solve_triangular(chol.T, gauss, upper=True, left=False)
+        if q is None:
+            q, r = torch.linalg.qr(gauss)
+            q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
         return q.to(obj.dtype), q.T @ x.to(q.device)
     if isinstance(subspace, np.ndarray):
         subspace = torch.from_numpy(subspace)
