@@ -118,6 +118,18 @@ def test_evaluate_many_errors_and_train_mode():
     torch.testing.assert_close(tr.evaluate_many(thetas)[0], torch.stack([tr.loss(t) for t in thetas]))
 
 
+def test_evaluate_many_auto_picks_loop_for_large_batches():
+    torch.manual_seed(0)
+    model = nn.Linear(4_000, 3).double()
+    thetas = model.weight.new_zeros(3, 12_003)
+    for rows, expected in ((1, True), (64, False)):  # 4,000 float64 inputs: vmap; 64 × 4,000: loop
+        x = torch.randn(rows, 4_000, dtype=torch.float64)
+        y = torch.zeros(rows, dtype=torch.long)
+        obj = Objective(model, ce, (x, y))
+        obj.evaluate_many(thetas)
+        assert obj.last_vectorized is expected
+
+
 def test_evaluate_many_along_directions_equals_dense_points():
     model = make_cnn()
     x, y = image_data()

@@ -493,8 +493,9 @@ class Objective:
             metrics: optional ``{name: metric(outputs, targets) -> scalar}`` (e.g. accuracy),
                 averaged over batches like the loss. Needs the ``loss_fn`` path.
             vectorize: ``"auto"`` (vmap, falling back to the loop when the model does not
-                support it or when fewer than 16 points fit one call by the memory estimate and
-                no ``chunk_size`` is given), ``True`` (vmap; errors propagate) or ``False`` (loop).
+                support it, or when fewer than 128 points fit one call by the memory estimate
+                and no ``chunk_size`` is given: the batch is then big enough that a point costs
+                about one forward pass either way, and the loop measured faster), ``True`` (vmap; errors propagate) or ``False`` (loop).
             chunk_size: points per vmap call (memory grows with it); default: as many as keep
                 an estimated 64 activations per input number under ~512 MiB per call.
 
@@ -677,9 +678,10 @@ class Objective:
 
         def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
-                if mode["vmap"] is None and chunk_size is None and k > 1 and auto_chunk(batch) < 16:
-                    # Few points fit one call: per-point work dominates and batched kernels
-                    # (e.g. grouped convolutions) are slower than the loop (benchmarks/).
+                if mode["vmap"] is None and chunk_size is None and k > 1 and auto_chunk(batch) < 128:
+                    # A large batch per point: batched kernels (bigger intermediates, grouped
+                    # convolutions) were slower than the loop, 2x on the benchmark MLP with
+                    # 2,048 samples and 3x on the CNN (benchmarks/bench_landscape.py, CPU).
                     mode["vmap"] = False
                 if mode["vmap"] is None:
                     try:
