@@ -11,7 +11,10 @@ full-data forward pass, eval mode, no grad) and loss-landscapes' time over ours.
 The machine this was written on is noisy, so the timings are taken in interleaved rounds
 (floor, each method, once per round) and ratios are formed within a round; the printed
 figure is the median over rounds with the range in brackets. loss-landscapes gets the data as
-one batch; so does flatness unless ``--batch-size`` says otherwise.
+one batch; so does flatness unless ``--batch-size`` says otherwise. Also printed for each
+method, and immune to that noise: its wall time over the time spent inside the model's own
+forward calls in the same run (timed with forward hooks), i.e. everything a method adds to the
+forward passes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,29 @@ def wall(fn, device: str) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+class ForwardTimer:
+    """Adds up the time spent inside ``model(...)`` calls (forward pre-hook to forward hook)."""
+
+    def __init__(self, model, device: str) -> None:
+        self.model, self.device, self.total, self._t0 = model, device, 0.0, 0.0
+
+    def __enter__(self) -> ForwardTimer:
+        def pre(_module, _args) -> None:
+            sync(self.device)
+            self._t0 = time.perf_counter()
+
+        def post(_module, _args, _out) -> None:
+            sync(self.device)
+            self.total += time.perf_counter() - self._t0
+
+        self._handles = [self.model.register_forward_pre_hook(pre), self.model.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def floor_time(model, loss_fn, batches, device: str, min_time: float = 0.2) -> float:
@@ -128,12 +154,16 @@ def main() -> None:
         for fn in methods.values():  # warm-up
             fn()
         per_point = {m: [] for m in methods}
+        inside = {m: [] for m in methods}
         floors = []
         for _ in range(args.rounds):
             floor = floor_time(model, loss_fn, batches, args.device)
             floors.append(floor)
             for m, fn in methods.items():
-                per_point[m].append(wall(fn, args.device) / points)
+                with ForwardTimer(model, args.device) as timer:
+                    t = wall(fn, args.device)
+                per_point[m].append(t / points)
+                inside[m].append(t / timer.total)
         batch_note = f"batches of {args.batch_size}" if args.batch_size else "one batch"
         print(
             f"\n{name}: {n_params:,} params, {n} samples ({batch_note}); "
@@ -141,7 +171,10 @@ def main() -> None:
         )
         for m, ts in per_point.items():
             ratio = [t / f for t, f in zip(ts, floors, strict=True)]
-            line = f"  {m:22s} {fmt(ts, 1e3, 3)} ms/point   {fmt(ratio)} x forward"
+            line = (
+                f"  {m:22s} {fmt(ts, 1e3, 3)} ms/point   {fmt(ratio)} x forward   "
+                f"{fmt(inside[m])} x its own forward calls"
+            )
             if ll_run is not None and m != "loss-landscapes":
                 speedup = [a / b for a, b in zip(per_point["loss-landscapes"], ts, strict=True)]
                 line += f"   {fmt(speedup)} x faster than loss-landscapes"
