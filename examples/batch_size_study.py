@@ -240,9 +240,21 @@ def verdict(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         f"- **Test accuracy**: SB − LB = {', '.join(f'{100 * d:+.2f}' for d in acc)} points per seed "
         f"(SB better in {int((acc > 0).sum())} of {len(acc)})."
     )
+    acc_gap = np.array(
+        [
+            (b["train_acc"] - b["test_acc"]) - (a["train_acc"] - a["test_acc"])
+            for a, b in zip(sb, lb, strict=True)
+        ]
+    )
     lines.append(
-        f"- **Generalization gap**: LB − SB = {', '.join(f'{d:+.3f}' for d in gap)} per seed "
-        f"(LB larger in {int((gap > 0).sum())} of {len(gap)})."
+        f"- **Accuracy gap** (train − test accuracy, Keskar et al.'s sense): LB − SB = "
+        f"{', '.join(f'{100 * d:+.2f}' for d in acc_gap)} points per seed "
+        f"(LB larger in {int((acc_gap > 0).sum())} of {len(acc_gap)})."
+    )
+    lines.append(
+        f"- **Loss gap** (test − train loss): LB − SB = {', '.join(f'{d:+.3f}' for d in gap)} per seed "
+        f"(LB larger in {int((gap > 0).sum())} of {len(gap)}; a near-zero training loss inflates the "
+        "loss gap, so it can favour LB even where LB tests worse)."
     )
     phi_ratio = per_seed("sharpness_0.001")
     keskar_like = bool(np.all(phi_ratio >= 10))

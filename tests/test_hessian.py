@@ -42,7 +42,17 @@ def test_topk_matches_dense_hessian(net, which, ce):
     dicts = res.eigenvector_dicts()
     assert [list(d) for d in dicts] == [[n for n, _ in model.named_parameters()]] * 3
     assert all(d[n].shape == p.shape for d in dicts for n, p in model.named_parameters())
-    json.dumps(res.to_dict())
+    full = res.to_dict()
+    assert full["eigenvalues"] == res.eigenvalues.tolist()
+    assert len(full["eigenvectors"]) == 3 and len(full["eigenvectors"][0]) == res.eigenvectors.shape[1]
+    small = res.to_dict(max_array_size=10)
+    assert small["eigenvalues"] == full["eigenvalues"]  # 3 numbers: kept
+    vec = small["eigenvectors"]
+    assert vec["omitted"] is True and vec["shape"] == list(res.eigenvectors.shape)
+    assert vec["norm"] == pytest.approx(float(res.eigenvectors.norm()))
+    assert len(json.dumps(small)) < len(json.dumps(full)) / 5
+    with pytest.raises(ValueError, match="max_array_size"):
+        res.to_dict(max_array_size=-1)
 
 
 def test_topk_on_quadratic_and_options_forwarded():

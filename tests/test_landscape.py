@@ -118,7 +118,7 @@ def test_evaluate_many_errors_and_train_mode():
     torch.testing.assert_close(tr.evaluate_many(thetas)[0], torch.stack([tr.loss(t) for t in thetas]))
 
 
-def test_evaluate_many_auto_picks_loop_for_large_batches():
+def test_evaluate_many_auto_picks_loop_for_large_batches_and_convolutions():
     torch.manual_seed(0)
     model = nn.Linear(4_000, 3).double()
     thetas = model.weight.new_zeros(3, 12_003)
@@ -128,6 +128,14 @@ def test_evaluate_many_auto_picks_loop_for_large_batches():
         obj = Objective(model, ce, (x, y))
         obj.evaluate_many(thetas)
         assert obj.last_vectorized is expected
+    # Convolutions on the CPU: the loop even for a tiny batch; vmap when asked.
+    cnn = make_cnn()
+    x, y = image_data(2)
+    obj = Objective(cnn, ce, (x, y))
+    obj.evaluate_many(obj.theta0[None].repeat(3, 1))
+    assert obj.last_vectorized is False
+    obj.evaluate_many(obj.theta0[None].repeat(3, 1), vectorize=True)
+    assert obj.last_vectorized is True
 
 
 def test_evaluate_many_along_directions_equals_dense_points():
@@ -452,6 +460,13 @@ def test_interpolation_interpolates_batchnorm_buffers():
     assert keep.loss[0] != pytest.approx(r.loss[1])
     assert r.loss[2] == pytest.approx(float(Objective(mb, ce, data).loss()), rel=1e-12)
     assert r.center_loss == pytest.approx(float(Objective(ma, ce, data).loss()), rel=1e-12)
+    # Extrapolating a running variance far enough makes it negative: NaN, with the cause named.
+    with torch.no_grad():
+        mb.bn.running_var.fill_(5.0)
+        ma.bn.running_var.fill_(1.0)
+    with pytest.warns(RuntimeWarning, match="interpolate_buffers=False"):
+        far = interpolate(ma, mb, ce, data, alphas=[-1.0, 0.0])
+    assert np.isnan(far.loss[0]) and np.isfinite(far.loss[1])
 
 
 def test_clear_errors_and_model_untouched_after_errors():

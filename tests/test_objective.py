@@ -388,8 +388,26 @@ def test_bad_inputs():
         Objective(model, F.cross_entropy, iter([(x, y)]))
     with pytest.raises(TypeError, match="data"):
         Objective(model, F.cross_entropy, None)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match=r"loss_fn: .* shape \(6,\); expected one number .*reduction="):
         Objective(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), (x, y)).loss()
+    for evaluate in (lambda o: o.loss(), lambda o: o.evaluate_many(o.theta0[None].repeat(2, 1))):
+        with pytest.raises(
+            TypeError, match=r"loss_fn: the loss of a batch is a float; expected a torch tensor"
+        ):
+            evaluate(Objective(model, lambda o, t: float(F.cross_entropy(o, t)), (x, y)))
+    with pytest.raises(TypeError, match=r"batch_loss: .* is a float"):
+        Objective(model, data=(x, y), batch_loss=lambda m, b: 1.0).loss()
+    from flatness import hessian_topk, landscape_1d, sharpness
+
+    with pytest.raises(
+        TypeError,
+        match=r"sharpness\(\) got an unexpected keyword argument 'epsilom' \(did you mean 'epsilon'\?\)",
+    ):
+        sharpness(model, F.cross_entropy, (x, y), epsilom=1e-3)
+    with pytest.raises(TypeError, match=r"did you mean 'max_batches'"):
+        hessian_topk(model, F.cross_entropy, (x, y), max_batch=2)
+    with pytest.raises(TypeError, match=r"landscape_1d\(\) got an unexpected keyword argument 'foo'"):
+        landscape_1d(model, F.cross_entropy, (x, y), alphas=[0.0], foo=1)
     frozen = make_mlp(0)
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):

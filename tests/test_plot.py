@@ -49,6 +49,10 @@ def test_1d_curves_on_one_axes_get_distinct_colours(results):
     ax = fplot.plot_1d(results[0], label="train")
     fplot.plot_1d(results[0], ax=ax, label="test")
     assert ax.lines[0].get_color() != ax.lines[1].get_color()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+    ax = fplot.plot_1d(results[0], metric="accuracy", label="train")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "accuracy"]
+    assert fplot.plot_1d(results[0]).get_legend() is None
     plt.close("all")
 
 
@@ -73,6 +77,11 @@ def test_spectrum_and_density_from_arrays_and_objects():
     assert fplot.plot_spectrum(Spectrum()).figure is not None
     assert fplot.plot_spectrum(np.array([1.0, 2.0]), log=True).figure is not None
     assert fplot.plot_density(Spectrum()).figure is not None
+    t = np.linspace(-1, 1, 201)
+    ax = fplot.plot_density(t, np.exp(-(t**2) / 1e-3))  # tails down to ~1e-434 (0 in float64)
+    assert ax.get_ylim()[0] == pytest.approx(1e-10, rel=1e-6)
+    ax = fplot.plot_spectrum(np.array([3.0, 2.0, 1.0]))
+    assert all(float(v).is_integer() for v in ax.get_xticks())
     assert fplot.plot_density(Spectrum.grid, Spectrum.density, log=False).figure is not None
     with pytest.raises(ValueError, match="lengths"):
         fplot.plot_density(np.arange(3), np.arange(4))

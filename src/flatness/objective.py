@@ -18,6 +18,8 @@ after every call (see :mod:`flatness._guard`).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -238,6 +240,9 @@ class Objective:
         # evaluate_many: whether vmap works, per kind of call (metrics, buffers); the path last used.
         self._vmap_ok: dict[tuple[tuple[str, ...], tuple[str, ...]], bool] = {}
         self.last_vectorized: bool | None = None
+        # vmap over weights turns convolutions into grouped convolutions: 2-3.6x slower than the
+        # loop on the CPU (benchmarks/bench_landscape.py), so "auto" loops for such models there.
+        self._has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         # benchmarks/bench_hvp.py: double backward 2.3-2.8x a gradient pass on the CNN, 3.1-4.8x on
         # the MLP; forward-over-reverse 2.9-3.3x and 6.4-8.7x (torch 2.13, CPU).
         self._forward = hvp_mode == "forward"
@@ -308,13 +313,22 @@ class Objective:
         loss = functional_call(
             self._module, self._state(theta), (batch,), tie_weights=self._tied, strict=False
         )
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        return self._scalar_loss(loss).reshape(())
+
+    def _scalar_loss(self, loss: Any) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            return loss
+        name = "loss_fn" if self._module._batch_loss is None else "batch_loss"
+        if isinstance(loss, torch.Tensor):
             raise ValueError(
-                f"loss_fn: the loss of a batch has shape {shape}; it must be a scalar "
-                "(use a reduction='mean' criterion, or reduction='sum' here for summed losses)"
+                f"{name}: the loss of a batch is a tensor of shape {tuple(loss.shape)}; expected one "
+                "number (use a reduction='mean' criterion, or reduction='sum' here for summed losses)"
             )
-        return loss.reshape(())
+        raise TypeError(
+            f"{name}: the loss of a batch is a {type(loss).__name__}; expected a torch tensor holding "
+            "one number, computed with torch operations so that it can be differentiated "
+            "(e.g. return F.cross_entropy(outputs, targets), not float(...) or .item())"
+        )
 
     # ------------------------------------------------------------------ passes
     def _pass(
@@ -493,9 +507,11 @@ class Objective:
             metrics: optional ``{name: metric(outputs, targets) -> scalar}`` (e.g. accuracy),
                 averaged over batches like the loss. Needs the ``loss_fn`` path.
             vectorize: ``"auto"`` (vmap, falling back to the loop when the model does not
-                support it, or when fewer than 128 points fit one call by the memory estimate
-                and no ``chunk_size`` is given: the batch is then big enough that a point costs
-                about one forward pass either way, and the loop measured faster), ``True`` (vmap; errors propagate) or ``False`` (loop).
+                support it; the loop when fewer than 128 points fit one call by the memory
+                estimate and no ``chunk_size`` is given — the batch is then big enough that a
+                point costs about one forward pass either way, and the loop measured faster —
+                and for models with convolutions on the CPU, where vmap's grouped convolutions
+                measured 2-3.6x slower), ``True`` (vmap; errors propagate) or ``False`` (loop).
             chunk_size: points per vmap call (memory grows with it); default: as many as keep
                 an estimated 64 activations per input number under ~512 MiB per call.
 
@@ -575,16 +591,12 @@ class Objective:
         def compute(batch: Any) -> torch.Tensor:
             """Loss and metrics of one batch at the parameters now swapped into the model."""
             if not names:
-                loss = self._module(batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                    raise ValueError(f"loss_fn: the loss of a batch has shape {shape}; it must be a scalar")
-                return loss.reshape(1).to(self.dtype)
+                return self._scalar_loss(self._module(batch)).reshape(1).to(self.dtype)
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError("data: metrics need (inputs, targets) batches")
             inputs, targets = batch
             outputs = self.model(inputs)
-            out = [loss_fn(outputs, targets)]  # type: ignore[misc]
+            out = [self._scalar_loss(loss_fn(outputs, targets))]  # type: ignore[misc]
             out += [metrics[m](outputs, targets) for m in names]
             return torch.stack(
                 [
@@ -672,6 +684,8 @@ class Objective:
             use_vmap: bool | None = False
         elif vectorize is True:
             use_vmap = True
+        elif self._has_conv and self.device.type == "cpu":
+            use_vmap = False
         else:
             use_vmap = cached
         mode = {"vmap": use_vmap}
@@ -712,6 +726,36 @@ class Objective:
         if m.ndim != 2 or m.shape[0] == 0:
             raise ValueError(f"{name}: got shape {tuple(m.shape)}; expected a 2-D (k, ...) array with k >= 1")
         return m.detach().to(device=self.device, dtype=self.dtype)
+
+
+def check_options(fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Reject keyword arguments that neither ``fn`` nor :class:`Objective` takes.
+
+    Public functions forward ``**options`` to :class:`Objective`; without this check a typo
+    such as ``epsilom=`` would surface as an error of ``Objective.__init__``.
+    """
+    accepted = [
+        name
+        for name, par in inspect.signature(Objective.__init__).parameters.items()
+        if par.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = [k for k in options if k not in accepted]
+    if not unknown:
+        return
+    own = [
+        name
+        for name, par in inspect.signature(fn).parameters.items()
+        if par.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "this function"))
+    key = unknown[0]
+    close = difflib.get_close_matches(key, own + accepted, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TypeError(
+        f"{name}() got an unexpected keyword argument {key!r}{hint}. Its own options are "
+        f"{[o for o in own if o not in ('model', 'loss_fn', 'data', 'self')]}; it also forwards "
+        f"{accepted} to flatness.Objective"
+    )
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:

@@ -91,6 +91,11 @@ def plot_1d(
         twin = ax.twinx()
         twin.plot(alphas, _array(metrics[metric], metric), "C1--", label=metric)
         twin.set_ylabel(metric)
+        if label is not None:
+            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax.legend(handles=handles, loc="best")
+    elif label is not None:
+        ax.legend(loc="best")  # redrawn with every labelled curve added to this Axes
     return ax
 
 
@@ -180,6 +185,9 @@ def plot_spectrum(eigenvalues: Any, *, ax: Any = None, log: bool = False) -> Any
     values = np.sort(values)[::-1]
     ax = _new_ax(ax)
     ax.stem(np.arange(1, values.size + 1), values)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index")
     ax.set_ylabel("eigenvalue")
     if log:
@@ -197,7 +205,8 @@ def plot_density(result: Any = None, density: Any = None, *, ax: Any = None, log
             the grid array itself (then pass ``density``).
         density: the density values when ``result`` is the grid.
         ax: Axes to draw on; default a new figure.
-        log: logarithmic density axis (values ≤ 0 are clipped to the smallest positive one).
+        log: logarithmic density axis showing the 10 decades below the peak (smaller values,
+            zeros included, are drawn at that floor).
 
     Returns:
         The Axes.
@@ -216,9 +225,12 @@ def plot_density(result: Any = None, density: Any = None, *, ax: Any = None, log
         raise ValueError(f"grid, density: got lengths {t.size} and {phi.size}; expected equal and > 0")
     ax = _new_ax(ax)
     if log:
+        # Gaussian-smoothed densities reach 1e-50 and below in their tails; show the 10
+        # decades under the peak, where the spectrum is.
         positive = phi[phi > 0]
-        floor = positive.min() if positive.size else 1e-12
+        floor = max(positive.min(), positive.max() * 1e-10) if positive.size else 1e-12
         ax.semilogy(t, np.maximum(phi, floor))
+        ax.set_ylim(bottom=floor)
     else:
         ax.plot(t, phi)
     ax.set_xlabel("eigenvalue")

@@ -24,7 +24,7 @@ from torch import nn
 from flatness._guard import model_guard
 from flatness._maximize import maximize_ball, maximize_box
 from flatness._progress import Progress, ProgressArg
-from flatness.objective import Objective, check_positive
+from flatness.objective import Objective, check_options, check_positive
 from flatness.results import Result
 
 __all__ = [
@@ -283,7 +283,8 @@ def sharpness(
         subspace: None (full space, A = I), an int p (random A, the paper used p = 100) or
             an n×p matrix.
         max_iter: L-BFGS-B iterations (paper: 10).
-        max_evals: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
+        max_evals: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``. The pass at
+            x comes on top, so ``n_evals <= max_evals + 1``.
         tol: L-BFGS-B stops when the loss rises by less than ``tol * max(|f|, 1)`` in an
             iteration (scipy's ``ftol``); lower it (e.g. 1e-15) with a large ``max_iter`` to
             solve to machine precision.
@@ -301,6 +302,7 @@ def sharpness(
         TypeError: arguments of the wrong type.
         NonFiniteLossError: the loss is not finite on some batch.
     """
+    check_options(sharpness, options)
     check_positive("epsilon", epsilon)
     _check_tol(tol)
     _check_int("max_iter", max_iter, 1)
@@ -421,6 +423,7 @@ def adaptive_sharpness(
         eta: η ≥ 0 added to |θ| (keeps zero weights perturbable; breaks exact invariance).
         max_iter: ascent iterations (p = 2) or L-BFGS-B iterations (p = ∞).
         max_evals: p = ∞ only: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
+            The pass at θ comes on top, so ``n_evals <= max_evals + 1``.
         tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``).
         seed: seeds the random start (a local generator).
         progress: False, True or a callable ``(step, total, info)``.
@@ -435,6 +438,7 @@ def adaptive_sharpness(
         TypeError: arguments of the wrong type.
         NonFiniteLossError: the loss is not finite on some batch.
     """
+    check_options(adaptive_sharpness, options)
     check_positive("rho", rho)
     p_value = _parse_p(p)
     _check_tol(tol)
@@ -538,6 +542,7 @@ def average_sharpness(
         TypeError: arguments of the wrong type.
         NonFiniteLossError: the loss is not finite on some batch.
     """
+    check_options(average_sharpness, options)
     check_positive("rho", rho)
     _check_int("n_samples", n_samples, 1)
     _check_seed(seed)

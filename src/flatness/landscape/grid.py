@@ -34,7 +34,7 @@ from flatness.landscape.result import (
     LandscapeResult,
     load_landscape,
 )
-from flatness.objective import Objective
+from flatness.objective import Objective, check_options
 
 __all__ = ["accuracy", "interpolate", "landscape_1d", "landscape_2d"]
 
@@ -181,6 +181,7 @@ def _run_grid(
     progress: ProgressArg,
     normalization: str | None,
     seed: int | None,
+    nonfinite_hint: str = "the grid may reach too far from the centre",
 ) -> LandscapeResult:
     shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
     total = math.prod(shape)
@@ -275,7 +276,7 @@ def _run_grid(
     if out.n_nonfinite:
         warnings.warn(
             f"{out.n_nonfinite} of {total} grid points have a non-finite loss (kept as NaN/inf in .loss); "
-            "the grid may reach too far from the centre",
+            + nonfinite_hint,
             RuntimeWarning,
             stacklevel=3,
         )
@@ -341,6 +342,7 @@ def landscape_1d(
         ValueError: empty grid, direction with wrong keys or shapes, mismatched resume file.
         TypeError: arguments of the wrong type.
     """
+    check_options(landscape_1d, options)
     _check_normalization(normalization)
     a = _coords(alphas, "alphas")
     metrics_d = _check_metrics(metrics)
@@ -427,6 +429,7 @@ def landscape_2d(
         ValueError: empty grid, directions with wrong keys or shapes or not two of them,
             mismatched resume file. TypeError: arguments of the wrong type.
     """
+    check_options(landscape_2d, options)
     _check_normalization(normalization)
     a = _coords(alphas, "alphas")
     b = _coords(betas, "betas")
@@ -543,6 +546,7 @@ def interpolate(
     Raises:
         ValueError: models of different structure, empty grid. TypeError: bad argument types.
     """
+    check_options(interpolate, options)
     for name, m in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name}: expected a torch.nn.Module, got {type(m).__name__}")
@@ -594,4 +598,10 @@ def interpolate(
             progress=progress,
             normalization=None,
             seed=None,
+            nonfinite_hint=(
+                "interpolated buffers (e.g. BatchNorm running_var) can turn negative outside "
+                "alpha in [0, 1]; pass interpolate_buffers=False to keep model_a's buffers"
+                if buffers_of is not None and (a.min() < 0 or a.max() > 1)
+                else "the models may be too far apart for these alphas"
+            ),
         )

@@ -15,7 +15,7 @@ from torch import nn
 
 from flatness._guard import model_guard
 from flatness._progress import ProgressArg
-from flatness.objective import Objective, check_positive
+from flatness.objective import Objective, check_options, check_positive
 from flatness.operator import HessianOperator
 from flatness.results import Result
 from flatness.spectrum.density import slq_density
@@ -157,6 +157,7 @@ def hessian_topk(
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``,
             bad ``max_hvp`` / ``ncv`` and the objective's own checks.
     """
+    check_options(hessian_topk, options)
     check_which(which)
     check_positive("tol", tol)
     check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
@@ -225,6 +226,7 @@ def hessian_trace(
     Raises:
         ValueError, TypeError: for an unknown method, a bad n_hvp, or the objective's checks.
     """
+    check_options(hessian_trace, options)
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}; expected one of {METHODS}")
     check_positive("n_hvp", n_hvp, integer=True)
@@ -283,6 +285,7 @@ def hessian_density(
     Raises:
         ValueError, TypeError: for bad n_runs, n_steps, sigma, grid, or the objective's checks.
     """
+    check_options(hessian_density, options)
     with model_guard(model):
         op = _operator(model, loss_fn, data, options)
         obj = op.objective
