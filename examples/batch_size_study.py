@@ -245,10 +245,10 @@ def verdict(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             (b["train_acc"] - b["test_acc"]) - (a["train_acc"] - a["test_acc"])
             for a, b in zip(sb, lb, strict=True)
         ]
-    )
+    ).round(9)  # accuracies are multiples of 1/n: drop float noise before counting signs
     lines.append(
         f"- **Accuracy gap** (train − test accuracy, Keskar et al.'s sense): LB − SB = "
-        f"{', '.join(f'{100 * d:+.2f}' for d in acc_gap)} points per seed "
+        f"{', '.join(f'{round(100 * d, 2) + 0.0:+.2f}' for d in acc_gap)} points per seed "
         f"(LB larger in {int((acc_gap > 0).sum())} of {len(acc_gap)})."
     )
     lines.append(
