@@ -8,5 +8,6 @@ timeout 120 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | t
 timeout 120 python3 -m pytest tests -q -x -p no:cacheprovider -m "not slow" 2>&1 | tail -4 | tee $O/suite.txt
 timeout 100 python3 benchmarks/bench_hvp.py --device cuda --resnet --repeat 10 2>&1 | tee $O/hvp_cuda.txt
 timeout 90 python3 benchmarks/bench_spectrum.py 2048 --device cuda 2>&1 | tee $O/spectrum_cuda.txt
-timeout 45 python3 benchmarks/bench_sharpness.py --device cuda 2>&1 | tee $O/sharpness_cuda.txt
+timeout 45 python3 benchmarks/bench_sharpness.py --device cuda --rounds 3 2>&1 | tee $O/sharpness_cuda.txt
+timeout 60 python3 benchmarks/bench_landscape.py --device cuda --rounds 3 --steps 11 2>&1 | tee $O/landscape_cuda.txt
 timeout 60 python3 examples/batch_size_study.py --quick --device cuda --out /tmp/study 2>&1 | tail -4 | tee $O/study.txt; cp /tmp/study/README.md $O/study_report.md
