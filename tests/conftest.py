@@ -147,7 +147,11 @@ def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
     def f(theta):
         pieces = torch.split(theta, numels)
         params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=False)}
-        out = torch.func.functional_call(model, {**params, **others, **buffers}, (x.double(),))
+        # tie_weights=False: with a reused module (SharedLinear) re-tying leaks the given tensor
+        # into the model (torch 2.13); the tied models here only read the first slot.
+        out = torch.func.functional_call(
+            model, {**params, **others, **buffers}, (x.double(),), tie_weights=False
+        )
         return loss_fn(out, y)
 
     was = model.training

@@ -192,6 +192,37 @@ def test_evaluate_many_loop_with_mixed_dtypes_and_stateful_buffers():
         assert_untouched(model, before)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # weight_norm under vmap
+@pytest.mark.parametrize("kind", ["tied", "shared", "frozen", "parametrized"])
+def test_evaluate_many_loop_and_vmap_on_shared_frozen_and_parametrized_weights(kind):
+    from conftest import SharedLinear, TiedModel, make_frozen
+
+    torch.manual_seed(0)
+    if kind == "tied":
+        model, x = TiedModel().double(), torch.randn(9, 4, dtype=torch.float64)
+        loss_fn = lambda out, t: ((out - t) ** 2).mean()  # noqa: E731
+        y = torch.randn(9, 4, dtype=torch.float64)
+    elif kind == "shared":
+        model, x = SharedLinear().double(), torch.randn(9, 4, dtype=torch.float64)
+        loss_fn, y = ce, torch.randint(0, 2, (9,))
+    elif kind == "frozen":
+        (x, y), model, loss_fn = classification_data(9), make_frozen(), ce
+    else:
+        model = make_mlp()
+        nn.utils.parametrizations.weight_norm(model[0])
+        (x, y), loss_fn = classification_data(9), ce
+    before = snapshot(model)
+    obj = Objective(model, loss_fn, split(x, y, [4, 5]))
+    thetas = obj.theta0 + 0.3 * torch.randn(
+        4, obj.n, dtype=obj.dtype, generator=torch.Generator().manual_seed(3)
+    )
+    expected = torch.stack([obj.loss(t) for t in thetas])
+    for vectorize in (False, True):
+        losses, _ = obj.evaluate_many(thetas, vectorize=vectorize)
+        torch.testing.assert_close(losses, expected, rtol=1e-12, atol=1e-12)
+    assert_untouched(model, before)
+
+
 def test_evaluate_many_loop_restores_model_when_forward_raises():
     class Fails(nn.Module):
         def __init__(self):

@@ -79,6 +79,11 @@ def test_loss_grad_hvp_match_dense_hessian(case, mode):
         v = torch.randn(obj.n, generator=gen, dtype=torch.float64)
         assert rel(obj.hvp(v), hess @ v) < 1e-10
     assert obj.hvp_mode_used == mode
+    # Away from θ₀ too (where a leaked tensor would differ from the model's): model untouched.
+    before = snapshot(model)
+    theta = obj.theta0 + 0.1
+    obj.loss(theta), obj.loss_and_grad(theta), obj.hvp(torch.ones(obj.n, dtype=torch.float64), theta)
+    assert_untouched(model, before)
 
 
 def test_auto_uses_reverse_mode_where_forward_ad_fails():

@@ -118,6 +118,35 @@ def _select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Pa
     return chosen
 
 
+def _alias_map(model: nn.Module) -> dict[str, list[str]]:
+    """{first name of a shared tensor: the names of its other module slots}.
+
+    ``functional_call(..., tie_weights=True)`` mishandles a module reused under two names
+    (``self.b = self.a``): it swaps the one slot twice and, restoring in the same order, leaves
+    the tensor it was given in the user's model (torch 2.13). Here each (module, attribute)
+    slot appears once — a reused module's slot under its first name only — and a tensor tied
+    into several slots (``dec.weight = enc.weight``) is listed under all of them, so the
+    swap needs no re-tying and restores exactly.
+    """
+    aliases: dict[str, list[str]] = {}
+    slots: set[tuple[int, str]] = set()
+    first: dict[int, str] = {}
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        owner, _, attr = name.rpartition(".")
+        slot = (id(model.get_submodule(owner)), attr)
+        if slot in slots:
+            continue
+        slots.add(slot)
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            aliases.setdefault(canonical, []).append(name)
+    return aliases
+
+
 def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
     if value not in choices:
@@ -225,11 +254,8 @@ class Objective:
         # Parameters outside θ and all buffers enter as constants (detached; cast if asked).
         self._fixed_params = {n: p for n, p in self.model.named_parameters() if id(p) not in chosen_ids}
         self._buffers = dict(self.model.named_buffers())
-        # functional_call re-ties shared tensors on every call, walking all modules; skip that
-        # work when nothing is shared.
-        self._tied = len(list(self.model.named_parameters(remove_duplicate=False))) > len(
-            list(self.model.named_parameters())
-        ) or len(list(self.model.named_buffers(remove_duplicate=False))) > len(self._buffers)
+        # Shared tensors: every other module slot holding the same tensor gets ours too.
+        self._aliases = _alias_map(self.model)
         with torch.no_grad():
             self.theta0: torch.Tensor = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in chosen])
         _dist.check_same_size(self._group, self.n)
@@ -302,6 +328,9 @@ class Objective:
         for n, b in self._buffers.items():
             # A copy: train-mode forward passes update running statistics in place.
             state["model." + n] = self._const(b).clone()
+        for n, others in self._aliases.items():
+            for other in others:
+                state["model." + other] = state["model." + n]
         return state
 
     def _const(self, t: torch.Tensor) -> torch.Tensor:
@@ -310,9 +339,7 @@ class Objective:
         return t
 
     def _batch_loss(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
-        loss = functional_call(
-            self._module, self._state(theta), (batch,), tie_weights=self._tied, strict=False
-        )
+        loss = functional_call(self._module, self._state(theta), (batch,), tie_weights=False, strict=False)
         return self._scalar_loss(loss).reshape(())
 
     def _scalar_loss(self, loss: Any) -> torch.Tensor:
@@ -627,7 +654,7 @@ class Objective:
                 state = self._state(theta)
                 for bname, b in point_bufs.items():
                     state["model." + bname] = b
-                with _reparametrize_module(self._module, state, tie_weights=self._tied, strict=False):
+                with _reparametrize_module(self._module, state, tie_weights=False, strict=False):
                     return compute(batch)
 
             fn = torch.func.vmap(one, in_dims=(0, 0), randomness="error")
@@ -654,7 +681,7 @@ class Objective:
             rng = torch.random.get_rng_state() if replay else None
             cuda = torch.cuda.get_rng_state_all() if replay and torch.cuda.is_initialized() else None
             out = []
-            with _reparametrize_module(self._module, state, tie_weights=self._tied, strict=False):
+            with _reparametrize_module(self._module, state, tie_weights=False, strict=False):
                 for i in range(k):
                     if coords is None:
                         work.copy_(thetas[i])
