@@ -91,6 +91,18 @@ class TiedModel(nn.Module):
         return z @ self.enc.weight + self.dec.bias
 
 
+class TinyTransformer(nn.Module):
+    """One pre-built attention block (scaled_dot_product_attention inside) and a linear head."""
+
+    def __init__(self, d: int = 4, classes: int = 3):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
 class SharedLinear(nn.Module):
     """The same nn.Linear applied twice (tied weights by module reuse)."""
 
@@ -156,13 +168,21 @@ def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
 
     was = model.training
     model.eval()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     try:
-        loss = f(theta0)
-        grad = torch.autograd.functional.jacobian(f, theta0)
-        hess = torch.autograd.functional.hessian(f, theta0)
+        with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no second derivative
+            loss, grad, hess = _oracle_derivatives(f, theta0)
     finally:
         model.train(was)
     return loss.detach(), grad.detach(), hess.detach()
+
+
+def _oracle_derivatives(f, theta0):
+    loss = f(theta0)
+    grad = torch.autograd.functional.jacobian(f, theta0)
+    hess = torch.autograd.functional.hessian(f, theta0)
+    return loss, grad, hess
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import (
     SharedLinear,
     TiedModel,
+    TinyTransformer,
     assert_untouched,
     classification_data,
     dense_hessian_oracle,
@@ -57,6 +58,12 @@ CASES = {
         lambda: classification_data(11, d=4, classes=2),
     ),
     "frozen": (lambda: make_frozen(3), F.cross_entropy, lambda: classification_data(17)),
+    # Fused attention kernels have no second derivative: HVPs must use the math kernel.
+    "attention": (
+        lambda: torch.manual_seed(0) and TinyTransformer().double(),
+        F.cross_entropy,
+        lambda: (torch.randn(7, 3, 4, dtype=torch.float64), torch.arange(7) % 3),
+    ),
 }
 
 

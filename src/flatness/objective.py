@@ -18,6 +18,7 @@ after every call (see :mod:`flatness._guard`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import math
@@ -116,6 +117,21 @@ def _select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Pa
     if not chosen:
         raise ValueError("params: the selection matches no parameter of the model")
     return chosen
+
+
+def _math_attention() -> contextlib.AbstractContextManager[Any]:
+    """``scaled_dot_product_attention`` by its plain math kernel inside the block.
+
+    The fused kernels (flash, memory-efficient; CPU and CUDA) have no second derivative
+    ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"), so Hessian-vector products of attention models need the math kernel. The
+    backend choice is restored on exit; torch without ``torch.nn.attention`` gets a no-op.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _alias_map(model: nn.Module) -> dict[str, list[str]]:
@@ -469,13 +485,14 @@ class Objective:
                 def f(t: torch.Tensor) -> torch.Tensor:
                     return self._batch_loss(t, batch)
 
-                (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                with _math_attention():
+                    (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
                 return loss, hv
 
         else:
 
             def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                with torch.enable_grad():
+                with torch.enable_grad(), _math_attention():
                     leaf = theta.detach().requires_grad_(True)
                     loss = self._batch_loss(leaf, batch)
                     (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
