@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 
@@ -153,17 +154,28 @@ def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
     shapes = [named[n].shape for n in names]
     numels = [named[n].numel() for n in names]
     theta0 = torch.cat([named[n].detach().reshape(-1).double() for n in names])
-    buffers = {n: b.double() if b.is_floating_point() else b for n, b in model.named_buffers()}
-    others = {n: p.detach().double() for n, p in named.items() if n not in names}
 
     def f(theta):
         pieces = torch.split(theta, numels)
         params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=False)}
-        # tie_weights=False: with a reused module (SharedLinear) re-tying leaks the given tensor
-        # into the model (torch 2.13); the tied models here only read the first slot.
-        out = torch.func.functional_call(
-            model, {**params, **others, **buffers}, (x.double(),), tie_weights=False
-        )
+        # Independent of flatness's own swapping: a deep copy (which keeps tied and reused
+        # tensors shared) gets every slot of each chosen parameter replaced by its piece of θ.
+        clone = copy.deepcopy(model)
+        cloned = dict(clone.named_parameters())
+        for n, value in params.items():
+            target = cloned[n]
+            for module in clone.modules():
+                for attr, p in list(module._parameters.items()):
+                    if p is target:
+                        del module._parameters[attr]
+                        setattr(module, attr, value)
+        with torch.no_grad():
+            for p in clone.parameters():
+                p.data = p.data.double()
+            for b in clone.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.double()
+        out = clone(x.double() if x.is_floating_point() else x)
         return loss_fn(out, y)
 
     was = model.training

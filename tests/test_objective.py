@@ -463,3 +463,40 @@ def test_numpy_vectors_and_flatten_roundtrip():
     assert torch.equal(obj.flatten(d), obj.theta0)
     with pytest.raises(ValueError, match="missing"):
         obj.flatten({"0.weight": d["0.weight"]})
+
+
+def test_recurrent_model_with_tied_embedding_untouched_and_exact():
+    """nn.LSTM keeps its own list of weight tensors; the embedding is tied to the output layer."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.lstm = nn.LSTM(4, 4, batch_first=True)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.lstm(self.emb(x))[0][:, -1])
+
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    x, y = torch.randint(0, 7, (9, 3)), torch.randint(0, 7, (9,))
+    out0 = model(x).detach()
+    before = snapshot(model)
+    obj = Objective(model, F.cross_entropy, split(x, y, [4, 5]))
+    loss, grad, hess = dense_hessian_oracle(model, F.cross_entropy, x, y, names=obj.names)
+    assert obj.names.count("emb.weight") == 1 and "out.weight" not in obj.names
+    l, g = obj.loss_and_grad()
+    assert rel(l, loss) < 1e-12 and rel(g, grad) < 1e-10
+    v = torch.randn(obj.n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert rel(obj.hvp(v), hess @ v) < 1e-10
+    theta = obj.theta0 + 0.2 * v
+    losses, _ = obj.evaluate_many(torch.stack([theta, obj.theta0]))  # vmap fails on LSTM: loop
+    assert obj.last_vectorized is False
+    torch.testing.assert_close(losses, torch.stack([obj.loss(theta), l]), rtol=1e-12, atol=0)
+    assert_untouched(model, before)
+    assert torch.equal(model(x).detach(), out0)
+    with torch.no_grad():  # the model still trains: in-place updates reach its forward
+        model.lstm.weight_ih_l0.add_(0.5)
+    assert not torch.equal(model(x).detach(), out0)
