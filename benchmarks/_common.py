@@ -73,24 +73,19 @@ def _warm_bn(model: nn.Module, x: torch.Tensor) -> None:
     model.eval()
 
 
-def mlp_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0):
-    """(model, loss_fn, batches) for the benchmark MLP on synthetic 64-d data."""
+def mlp_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0, hidden: int = 128):
+    """(model, loss_fn, batches) for the benchmark MLP (64-hidden-hidden-10) on synthetic 64-d data."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = make_mlp().to(device)
+    model = make_mlp(hidden=hidden).to(device)
     x = torch.randn(n, 64, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     return model, nn.functional.cross_entropy, _batches(x.to(device), y.to(device), batch_size)
 
 
 def small_mlp_problem(n: int = 128, batch_size: int = 128, device: str = "cpu", seed: int = 0):
-    """(model, loss_fn, batches) for a small MLP (64-32-32-10, 3,466 params): per-point overhead dominates."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = make_mlp(hidden=32).to(device)
-    x = torch.randn(n, 64, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return model, nn.functional.cross_entropy, _batches(x.to(device), y.to(device), batch_size)
+    """The MLP at width 32 (64-32-32-10, 3,466 params) on 128 samples: per-point overhead dominates."""
+    return mlp_problem(n, batch_size, device, seed, hidden=32)
 
 
 def cnn_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0):
