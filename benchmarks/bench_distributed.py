@@ -3,7 +3,7 @@
 Usage: python benchmarks/bench_distributed.py [--samples 2048] [--repeat 5]
 
 The same full-data HVP on the benchmark CNN: one process with all the data, then 2 ranks with half
-each (one thread per rank, SPEC §6; the 1-rank run uses the same total threads for fairness).
+each (one thread per rank: oversubscribed OpenMP threads spin; the 1-rank run uses the same total threads for fairness).
 Prints samples per second of HVP and the speed-up.
 """
 

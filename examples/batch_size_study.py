@@ -397,7 +397,7 @@ def write_report(out: Path, cfg: Config, by_protocol: dict, extras: dict, second
     lines += [
         "## Sharpness against the generalization gap",
         "",
-        "One point per run, both protocols:",
+        "One point per run, both protocols; the gap is Keskar et al.'s, in accuracy (train − test):",
         "",
         "![sharpness vs gap](sharpness_vs_gap.png)",
         "",
@@ -440,9 +440,12 @@ def figures(out: Path, by_protocol: dict, curves: dict, grids: dict) -> None:
         plt.close(fig)
 
         pair = grids[protocol]
+        # One colour scale for the pair, so SB and LB compare by eye.
+        logs = np.concatenate([np.log10(g.loss[g.loss > 0]).ravel() for g in pair.values()])
+        levels = np.linspace(logs.min(), logs.max(), 21) if logs.size and logs.max() > logs.min() else 20
         fig, axes = plt.subplots(1, len(pair), figsize=(5.5 * len(pair), 4.5))
         for ax_, (name, grid) in zip(np.atleast_1d(axes), pair.items(), strict=True):
-            plot.plot_contour(grid, ax=ax_, log=True, filled=True)
+            plot.plot_contour(grid, ax=ax_, log=True, filled=True, levels=levels)
             ax_.set_title(f"{name}, {protocol} protocol (log loss)")
         fig.tight_layout()
         fig.savefig(out / f"landscapes_{protocol}.png", dpi=110)
@@ -454,13 +457,13 @@ def figures(out: Path, by_protocol: dict, curves: dict, grids: dict) -> None:
         for name, rs in runs.items():
             ax.scatter(
                 [r["sharpness_0.001"] for r in rs],
-                [r["gap"] for r in rs],
+                [100 * (r["train_acc"] - r["test_acc"]) for r in rs],
                 marker=markers.get(protocol, "o"),
                 label=f"{name} ({protocol})",
             )
     ax.set_xscale("log")
     ax.set_xlabel("Keskar φ, ε = 1e-3 (%)")
-    ax.set_ylabel("test − train loss")
+    ax.set_ylabel("accuracy gap, train − test (points)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "sharpness_vs_gap.png", dpi=110)

@@ -147,8 +147,8 @@ def split(x, y, sizes):
     return out
 
 
-def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
-    """Loss, gradient and Hessian of loss_fn(model(x), y) on the whole data in one call (float64)."""
+def _output_function(model: nn.Module, x, names=None):
+    """(f, θ₀): f(θ) = the model's outputs on x with θ's pieces put in every slot (float64)."""
     named = dict(model.named_parameters())
     names = names or [n for n, p in named.items() if p.requires_grad]
     shapes = [named[n].shape for n in names]
@@ -175,8 +175,17 @@ def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
             for b in clone.buffers():
                 if b.is_floating_point():
                     b.data = b.data.double()
-        out = clone(x.double() if x.is_floating_point() else x)
-        return loss_fn(out, y)
+        return clone(x.double() if x.is_floating_point() else x)
+
+    return f, theta0
+
+
+def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
+    """Loss, gradient and Hessian of loss_fn(model(x), y) on the whole data in one call (float64)."""
+    out_fn, theta0 = _output_function(model, x, names)
+
+    def f(theta):
+        return loss_fn(out_fn(theta), y)
 
     was = model.training
     model.eval()
@@ -188,6 +197,19 @@ def dense_hessian_oracle(model: nn.Module, loss_fn, x, y, names=None):
     finally:
         model.train(was)
     return loss.detach(), grad.detach(), hess.detach()
+
+
+def dense_jacobian_oracle(model: nn.Module, x, names=None):
+    """(outputs z, Jacobian J = ∂z/∂θ as a (z.numel(), n) matrix) of the model on x (float64, eval)."""
+    out_fn, theta0 = _output_function(model, x, names)
+    was = model.training
+    model.eval()
+    try:
+        z = out_fn(theta0).detach()
+        jac = torch.autograd.functional.jacobian(out_fn, theta0).reshape(z.numel(), -1)
+    finally:
+        model.train(was)
+    return z, jac.detach()
 
 
 def _oracle_derivatives(f, theta0):

@@ -1,6 +1,6 @@
 """torch.distributed: 2 gloo ranks, each with half the data, equal one process with all of it.
 
-SPEC §6: each spawned rank uses one thread (oversubscribed OpenMP threads spin) and seeds the
+Each spawned rank uses one thread (oversubscribed OpenMP threads spin) and seeds the
 global RNG before building its model.
 """
 

@@ -1,4 +1,4 @@
-"""Sharpness measures against exact oracles on quadratics (SPEC §1.3, §2) and invariances."""
+"""Sharpness measures against exact oracles on quadratics and invariances."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from torch import nn
 
 from conftest import assert_untouched, classification_data, make_mlp, quadratic_problem, snapshot, split
 from flatness import Objective, adaptive_sharpness, average_sharpness, sharpness
-from flatness._maximize import maximize_ball, maximize_box
+from flatness.algorithms.maximize import maximize_ball, maximize_box
 
 D = torch.float64
 
 
 # ---------------------------------------------------------------------------- oracles
 def box_oracle(h: torch.Tensor, delta: torch.Tensor, e: torch.Tensor) -> float:
-    """max over |y_i| ≤ e_i of ½ Σ h_i (δ_i + y_i)² (separable, SPEC §1.3)."""
+    """max over |y_i| ≤ e_i of ½ Σ h_i (δ_i + y_i)² (separable)."""
     pos = 0.5 * h * (delta.abs() + e) ** 2
     neg = 0.5 * h * (delta.abs() - e).clamp(min=0) ** 2
     return float(torch.where(h > 0, pos, torch.where(h < 0, neg, torch.zeros_like(h))).sum())
@@ -131,7 +131,7 @@ def test_keskar_permutation_invariant(seed):
 
 
 def test_keskar_zero_gradient_start_ascends():
-    # At an exact minimum a start at y = 0 would report 0 (SPEC §1 pitfall).
+    # At an exact minimum a start at y = 0 would report 0.
     H = random_symmetric(4, [2.0, 1.0, 0.5, 0.1], 0)
     res = sharpness(*quadratic_problem(H, torch.zeros(4, dtype=D), 0.0), epsilon=1e-3)
     assert res.value > 0.5 * 0.1 * 4 * 1e-6 * 100
@@ -414,7 +414,7 @@ def test_lbfgsb_direct_driver_equals_scipy_minimize(n, seed, max_iter):
     """The O(n)-Python-free driver takes exactly scipy.optimize.minimize's iterates."""
     from scipy.optimize import Bounds, minimize
 
-    from flatness import _maximize
+    from flatness.algorithms import maximize as _maximize
 
     if _maximize._setulb is None:
         pytest.skip("this scipy's L-BFGS-B kernel has another interface; minimize() is used")
@@ -456,7 +456,7 @@ def test_lbfgsb_direct_driver_equals_scipy_minimize(n, seed, max_iter):
 
 
 def test_maximize_box_same_result_with_scipy_minimize(monkeypatch):
-    from flatness import _maximize
+    from flatness.algorithms import maximize as _maximize
 
     rng = np.random.default_rng(0)
     H = np.diag(rng.uniform(-1, 3, 12))

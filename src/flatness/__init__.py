@@ -11,7 +11,14 @@ from flatness.landscape import (
 )
 from flatness.monitor import Monitor
 from flatness.objective import NonFiniteLossError, Objective
-from flatness.operator import HessianOperator
+from flatness.operators import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    curvature_operator,
+)
 from flatness.sharpness import (
     AdaptiveSharpnessResult,
     AverageSharpnessResult,
@@ -21,6 +28,7 @@ from flatness.sharpness import (
     sharpness,
 )
 from flatness.spectrum import (
+    BlockSpectra,
     hessian_density,
     hessian_topk,
     hessian_trace,
@@ -35,6 +43,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveSharpnessResult",
     "AverageSharpnessResult",
+    "BlockSpectra",
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "Monitor",
     "NonFiniteLossError",
@@ -43,6 +56,7 @@ __all__ = [
     "__version__",
     "adaptive_sharpness",
     "average_sharpness",
+    "curvature_operator",
     "eigen_directions",
     "hessian_density",
     "hessian_topk",

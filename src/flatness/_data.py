@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DataSource", "batch_size_of", "move_batch"]
+__all__ = ["DataSource", "batch_size_of", "first_tensor", "move_batch"]
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -27,7 +27,7 @@ def _is_single_batch(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and len(data) > 0 and isinstance(data[0], torch.Tensor)
 
 
-def _first_tensor(x: Any) -> torch.Tensor | None:
+def first_tensor(x: Any) -> torch.Tensor | None:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, Mapping):
@@ -37,7 +37,7 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     else:
         return None
     for v in values:
-        t = _first_tensor(v)
+        t = first_tensor(v)
         if t is not None:
             return t
     return None
@@ -49,9 +49,9 @@ def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> in
         size = size_fn(batch)
     else:
         inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) > 0 else batch
-        t = _first_tensor(inputs)
+        t = first_tensor(inputs)
         if t is None:
-            t = _first_tensor(batch)
+            t = first_tensor(batch)
         if t is None or t.ndim == 0:
             raise TypeError(
                 "batch_size: cannot find the batch size of a batch of type "
@@ -112,6 +112,7 @@ class DataSource:
             not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches <= 0
         ):
             raise ValueError(f"max_batches: got {max_batches!r}; expected a positive int or None")
+        self.source = data
         if _is_single_batch(data):
             self._batches: Any = [data]
         else:

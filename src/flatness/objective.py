@@ -19,10 +19,7 @@ after every call (see :mod:`flatness._guard`).
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -34,89 +31,78 @@ from torch.nn.utils.stateless import _reparametrize_module  # what functional_ca
 from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch
 from flatness._guard import model_guard, seed_everything
+from flatness._params import ParamLayout, ParamSpec, alias_map, select_params, unwrap
+from flatness._validate import check_choice, check_seed
+from flatness._validate import check_options as _check_options
 
-__all__ = ["NonFiniteLossError", "Objective", "ParamSpec"]
+__all__ = ["NonFiniteLossError", "Objective", "ParamSpec", "check_options"]
 
-ParamSpec = None | Sequence[str] | Sequence[torch.Tensor] | Callable[[str, torch.Tensor], bool]
 LossFn = Callable[[Any, Any], torch.Tensor]
 BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
+BatchOutputs = Callable[[nn.Module, Any], tuple[Any, Any]]
 
 
 class NonFiniteLossError(ValueError):
     """The loss (or its derivative) is NaN or infinite on some batch."""
 
 
-class _LossModule(nn.Module):
-    """Wraps ``model`` so that one ``functional_call`` computes one batch's loss."""
+_NEEDS_OUTPUTS = (
+    "batch_loss: {what} needs the model's outputs separately from the loss (it is built on the "
+    "Hessian of the loss with respect to the outputs, or on per-sample losses), which an opaque "
+    "batch_loss(model, batch) does not expose. Pass batch_outputs=lambda model, batch: "
+    "(outputs, targets) together with loss_fn(outputs, targets) instead of batch_loss"
+)
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None, batch_loss: BatchLoss | None):
+
+class _LossModule(nn.Module):
+    """Wraps ``model`` so that one ``functional_call`` computes one batch's loss.
+
+    The loss of a batch is ``loss_fn(outputs, targets)`` with ``(outputs, targets)`` from
+    :meth:`outputs` — ``model(inputs)`` for ``(inputs, targets)`` batches, or the user's
+    ``batch_outputs(model, batch)`` — unless an opaque ``batch_loss(model, batch)`` is given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        batch_loss: BatchLoss | None,
+        batch_outputs: BatchOutputs | None = None,
+    ):
         super().__init__()
         self.model = model
         self._loss_fn = loss_fn
         self._batch_loss = batch_loss
+        self._batch_outputs = batch_outputs
 
-    def forward(self, batch: Any) -> torch.Tensor:
+    def outputs(self, batch: Any) -> tuple[Any, Any]:
+        """``(outputs, targets)`` of a batch: what ``loss_fn`` is applied to."""
         if self._batch_loss is not None:
-            return self._batch_loss(self.model, batch)
+            raise TypeError(_NEEDS_OUTPUTS.format(what="this measure"))
+        if self._batch_outputs is not None:
+            out = self._batch_outputs(self.model, batch)
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError(
+                    "batch_outputs: must return a pair (outputs, targets) that loss_fn(outputs, "
+                    f"targets) takes; got {type(out).__name__}"
+                )
+            return out[0], out[1]
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             kind = type(batch).__name__
             length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
             raise TypeError(
                 f"data: a batch is a {kind}{length}; loss_fn needs (inputs, targets) batches. "
-                "For other batches pass batch_loss=lambda model, batch: <scalar loss>"
+                "For other batches pass batch_outputs=lambda model, batch: (outputs, targets), "
+                "or batch_loss=lambda model, batch: <scalar loss>"
             )
         inputs, targets = batch
-        return self._loss_fn(self.model(inputs), targets)  # type: ignore[misc]
+        return self.model(inputs), targets
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
-def _select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Parameter]]:
-    named = list(model.named_parameters())
-    if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
-        if not chosen:
-            raise ValueError(
-                "params: the model has no trainable parameters (all requires_grad=False); "
-                "pass params=[names] to choose some explicitly"
-            )
-        return chosen
-    if callable(params) and not isinstance(params, nn.Module):
-        chosen = [(n, p) for n, p in named if params(n, p)]
-    else:
-        items = list(params)
-        if not items:
-            raise ValueError("params: got an empty selection; pass None for all trainable ones")
-        if all(isinstance(x, str) for x in items):
-            by_name = dict(model.named_parameters(remove_duplicate=False))
-            by_name.update({n.removeprefix("module."): p for n, p in list(by_name.items())})
-            unknown = [x for x in items if x not in by_name]
-            if unknown:
-                raise ValueError(
-                    f"params: unknown parameter names {unknown[:5]}; "
-                    f"valid names are e.g. {[n for n, _ in named[:5]]}"
-                )
-            wanted = {id(by_name[x]) for x in items}
-        elif all(isinstance(x, torch.Tensor) for x in items):
-            wanted = {id(x) for x in items}
-            known = {id(p) for _, p in named}
-            if not wanted <= known:
-                raise ValueError("params: some tensors given are not parameters of the model")
-        else:
-            raise TypeError(
-                "params: expected None, a list of names, a list of parameter tensors or a "
-                f"predicate (name, param) -> bool; got {type(params).__name__}"
-            )
-        chosen = [(n, p) for n, p in named if id(p) in wanted]
-    if not chosen:
-        raise ValueError("params: the selection matches no parameter of the model")
-    return chosen
+    def forward(self, batch: Any) -> torch.Tensor:
+        if self._batch_loss is not None:
+            return self._batch_loss(self.model, batch)
+        outputs, targets = self.outputs(batch)
+        return self._loss_fn(outputs, targets)  # type: ignore[misc]
 
 
 def _math_attention() -> contextlib.AbstractContextManager[Any]:
@@ -132,41 +118,6 @@ def _math_attention() -> contextlib.AbstractContextManager[Any]:
     except ImportError:  # torch < 2.3
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def _alias_map(model: nn.Module) -> dict[str, list[str]]:
-    """{first name of a shared tensor: the names of its other module slots}.
-
-    ``functional_call(..., tie_weights=True)`` mishandles a module reused under two names
-    (``self.b = self.a``): it swaps the one slot twice and, restoring in the same order, leaves
-    the tensor it was given in the user's model (torch 2.13). Here each (module, attribute)
-    slot appears once — a reused module's slot under its first name only — and a tensor tied
-    into several slots (``dec.weight = enc.weight``) is listed under all of them, so the
-    swap needs no re-tying and restores exactly.
-    """
-    aliases: dict[str, list[str]] = {}
-    slots: set[tuple[int, str]] = set()
-    first: dict[int, str] = {}
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    for name, tensor in named:
-        owner, _, attr = name.rpartition(".")
-        slot = (id(model.get_submodule(owner)), attr)
-        if slot in slots:
-            continue
-        slots.add(slot)
-        canonical = first.setdefault(id(tensor), name)
-        if canonical != name:
-            aliases.setdefault(canonical, []).append(name)
-    return aliases
-
-
-def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name}: got {value!r}; expected one of {choices}")
 
 
 class Objective:
@@ -185,7 +136,11 @@ class Objective:
             batch sum with ``reduction="sum"``). Omit it when ``batch_loss`` is given.
         data: a DataLoader, a re-iterable of batches, or one ``(inputs, targets)`` batch.
         batch_loss: ``batch_loss(model, batch) -> scalar`` replacing ``loss_fn`` for dict
-            batches or models whose call is not ``model(inputs)``.
+            batches or models whose call is not ``model(inputs)`` (Hessian measures only).
+        batch_outputs: ``batch_outputs(model, batch) -> (outputs, targets)``, used with
+            ``loss_fn(outputs, targets)`` for batches that are not ``(inputs, targets)`` pairs.
+            Unlike ``batch_loss`` it tells which part is the model's output and which the loss,
+            which the GGN and the Fisher need (see :mod:`flatness.operators`).
         params: which parameters form θ: ``None`` (all with ``requires_grad``), names,
             parameter tensors, or a predicate ``(name, param) -> bool``.
         reduction: ``"mean"`` (size-weighted mean over batches) or ``"sum"``.
@@ -214,6 +169,7 @@ class Objective:
         data: Any = None,
         *,
         batch_loss: BatchLoss | None = None,
+        batch_outputs: BatchOutputs | None = None,
         params: ParamSpec = None,
         reduction: Literal["mean", "sum"] = "mean",
         train: bool = False,
@@ -226,37 +182,55 @@ class Objective:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if batch_outputs is not None and loss_fn is None:
+            raise TypeError(
+                "batch_outputs: needs loss_fn(outputs, targets) to turn the outputs into a loss; "
+                "pass loss_fn instead of batch_loss"
+            )
         if (loss_fn is None) == (batch_loss is None):
             raise TypeError(
                 "loss_fn / batch_loss: pass exactly one: loss_fn(outputs, targets) or "
                 "batch_loss(model, batch)"
             )
-        for name, fn in (("loss_fn", loss_fn), ("batch_loss", batch_loss)):
+        for name, fn in (("loss_fn", loss_fn), ("batch_loss", batch_loss), ("batch_outputs", batch_outputs)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
-        _check_choice("reduction", reduction, ("mean", "sum"))
-        _check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse"))
+        check_choice("reduction", reduction, ("mean", "sum"))
+        check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse"))
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         if batch_size is not None and not callable(batch_size):
             raise TypeError(f"batch_size: expected a callable(batch) -> int, got {batch_size!r}")
-        if not isinstance(data_seed, int):
-            raise TypeError(f"data_seed: expected an int, got {type(data_seed).__name__}")
+        data_seed = check_seed(data_seed, "data_seed")
 
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.data = DataSource(data, max_batches=max_batches)
         self.reduction = reduction
         self.train = bool(train)
         self.hvp_mode = hvp_mode
         self.data_seed = data_seed
         self._size_fn = batch_size
-        self._module = _LossModule(self.model, loss_fn, batch_loss)
+        self._module = _LossModule(self.model, loss_fn, batch_loss, batch_outputs)
         self._group = _dist.resolve_group(process_group)
+        self._options = {
+            "loss_fn": loss_fn,
+            "batch_loss": batch_loss,
+            "batch_outputs": batch_outputs,
+            "reduction": reduction,
+            "train": train,
+            "max_batches": max_batches,
+            "batch_size": batch_size,
+            "dtype": dtype,
+            "hvp_mode": hvp_mode,
+            "data_seed": data_seed,
+            "process_group": process_group,
+        }
 
-        chosen = _select_params(self.model, params)
-        self.names: list[str] = [n for n, _ in chosen]
+        chosen = select_params(self.model, params)
+        self.layout = ParamLayout.of(chosen)
+        self.names: list[str] = list(self.layout.names)
         self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
-        self.numels: list[int] = [p.numel() for _, p in chosen]
+        self.numels: list[int] = self.layout.numels
         self._param_dtypes = [p.dtype for _, p in chosen]
         for n, p in chosen:
             if not p.is_floating_point():
@@ -271,7 +245,7 @@ class Objective:
         self._fixed_params = {n: p for n, p in self.model.named_parameters() if id(p) not in chosen_ids}
         self._buffers = dict(self.model.named_buffers())
         # Shared tensors: every other module slot holding the same tensor gets ours too.
-        self._aliases = _alias_map(self.model)
+        self._aliases = alias_map(self.model)
         with torch.no_grad():
             self.theta0: torch.Tensor = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in chosen])
         _dist.check_same_size(self._group, self.n)
@@ -292,27 +266,15 @@ class Objective:
     # ------------------------------------------------------------------ flat <-> dict
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector into parameter-shaped tensors keyed like ``named_parameters``."""
-        theta = self._as_vector(theta, "theta")
-        pieces = torch.split(theta, self.numels)
-        return {n: t.view(s) for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
+        return self.layout.unflatten(self._as_vector(theta, "theta"))
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate parameter-shaped tensors (keyed like θ's names) into a flat vector."""
-        if not isinstance(tensors, dict):
-            raise TypeError(f"expected a dict of tensors keyed by name, got {type(tensors).__name__}")
-        missing = [n for n in self.names if n not in tensors]
-        extra = [k for k in tensors if k not in set(self.names)]
-        if missing or extra:
-            raise ValueError(
-                f"dict keys do not match the parameters: missing {missing[:5]}, unexpected {extra[:5]}"
-            )
-        out = []
-        for n, s in zip(self.names, self.shapes, strict=True):
-            t = torch.as_tensor(tensors[n])
-            if t.shape != s:
-                raise ValueError(f"tensor {n!r} has shape {tuple(t.shape)}; expected {tuple(s)}")
-            out.append(t.reshape(-1).to(device=self.device, dtype=self.dtype))
-        return torch.cat(out)
+        return self.layout.flatten(tensors, device=self.device, dtype=self.dtype)
+
+    def with_params(self, params: ParamSpec) -> Objective:
+        """The same model, loss, data and options with θ restricted to another parameter selection."""
+        return Objective(self.model, data=self.data.source, params=params, **self._options)
 
     def _as_vector(self, v: Any, name: str) -> torch.Tensor:
         if isinstance(v, np.ndarray):
@@ -358,6 +320,35 @@ class Objective:
         loss = functional_call(self._module, self._state(theta), (batch,), tie_weights=False, strict=False)
         return self._scalar_loss(loss).reshape(())
 
+    @contextlib.contextmanager
+    def at(self, theta: torch.Tensor) -> Iterator[None]:
+        """Inside the block the wrapped model computes with θ = ``theta`` (our tensors swapped in).
+
+        For operators that need more than the batch loss (outputs, per-sample losses): call
+        :meth:`batch_outputs` / :meth:`output_loss` inside. ``theta`` may carry autograd or
+        forward-mode tangents.
+        """
+        with _reparametrize_module(self._module, self._state(theta), tie_weights=False, strict=False):
+            yield
+
+    def require_outputs(self, what: str) -> None:
+        """Raise a TypeError naming ``what`` unless the outputs are separate from the loss."""
+        if self._module._batch_loss is not None:
+            raise TypeError(_NEEDS_OUTPUTS.format(what=what))
+
+    def batch_outputs(self, batch: Any) -> tuple[Any, Any]:
+        """``(outputs, targets)`` of a batch at the θ of the enclosing :meth:`at` block."""
+        return self._module.outputs(batch)
+
+    def output_loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """The batch loss ``loss_fn(outputs, targets)`` as a 0-d tensor."""
+        return self._scalar_loss(self._module._loss_fn(outputs, targets)).reshape(())  # type: ignore[misc]
+
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """The user's ``loss_fn`` (None when ``batch_loss`` is used)."""
+        return self._module._loss_fn
+
     def _scalar_loss(self, loss: Any) -> torch.Tensor:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             return loss
@@ -381,7 +372,7 @@ class Objective:
         extra_numel: int | None,
         check_finite: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass (SPEC §0), reduced over ranks.
+        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass, reduced over ranks.
 
         ``per_batch(batch)`` returns the batch's scalar loss and a flat ``extra`` tensor of
         ``extra_numel`` numbers (gradient, HVP, per-point losses...) or None. With
@@ -516,290 +507,20 @@ class Objective:
         )
 
     # ------------------------------------------------------------------ many points, one pass
-    def evaluate_many(
-        self,
-        thetas: Any,
-        *,
-        directions: Any = None,
-        origin: Any = None,
-        buffers: dict[str, torch.Tensor] | None = None,
-        metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
-        vectorize: bool | Literal["auto"] = "auto",
-        chunk_size: int | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L(θ_i) and size-weighted metrics at k points θ_1..θ_k in one pass over the data.
+    def evaluate_many(self, thetas: Any, **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L(θ_i) and size-weighted metrics at k points in one pass over the data.
 
-        .. math::
-            L(\\theta_i) = \\frac{\\sum_b m_b \\ell_b(\\theta_i)}{\\sum_b m_b},\\qquad
-            M(\\theta_i) = \\frac{\\sum_b m_b\\, \\mathrm{metric}(f_{\\theta_i}(x_b), y_b)}{\\sum_b m_b}
-
-        Each batch is fetched once and evaluated at all k points: with ``torch.func.vmap`` over
-        the points (chunks of ``chunk_size``) where the model allows it (eval mode, no random
-        or data-dependent ops), else a loop over the points that swaps the model's tensors for
-        ours once per batch and only refills them per point (no per-point ``functional_call``
-        overhead). The numbers agree to float rounding. Non-finite values are returned as they
-        are (NaN / inf), not raised.
-
-        Args:
-            thetas: a ``(k, n)`` tensor or array of flat parameter vectors; or, with
-                ``directions``, a ``(k, r)`` array of coordinates ``c_i``.
-            directions: an ``(r, n)`` tensor D; the points are then θ_i = origin + c_iᵀ D and
-                no ``(k, n)`` array is ever formed (grids over lines and planes).
-            origin: the ``(n,)`` origin for ``directions``; default the model's θ₀.
-            buffers: optional per-point buffer values, ``{name: tensor of shape (k, *buffer.shape)}``
-                (e.g. interpolated BatchNorm statistics); other buffers are the model's.
-            metrics: optional ``{name: metric(outputs, targets) -> scalar}`` (e.g. accuracy),
-                averaged over batches like the loss. Needs the ``loss_fn`` path.
-            vectorize: ``"auto"`` (vmap, falling back to the loop when the model does not
-                support it; the loop when fewer than 128 points fit one call by the memory
-                estimate and no ``chunk_size`` is given — the batch is then big enough that a
-                point costs about one forward pass either way, and the loop measured faster —
-                and for models with convolutions on the CPU, where vmap's grouped convolutions
-                measured 2-3.6x slower), ``True`` (vmap; errors propagate) or ``False`` (loop).
-            chunk_size: points per vmap call (memory grows with it); default: as many as keep
-                an estimated 64 activations per input number under ~512 MiB per call.
-
-        Returns:
-            ``(losses, metric_values)``: a ``(k,)`` tensor and ``{name: (k,) tensor}``.
-            ``self.last_vectorized`` tells which path ran.
-
-        Raises:
-            TypeError: metrics with ``batch_loss``, or arguments of the wrong type.
-            ValueError: wrong shapes, unknown buffer names, ``vectorize=True`` with ``train=True``.
+        See :func:`flatness.landscape.evaluate.evaluate_many` (this method calls it with
+        ``objective=self``); the landscape functions are built on it.
         """
-        thetas = self._as_matrix(thetas, "thetas")
-        if directions is None:
-            if origin is not None:
-                raise TypeError("origin: only used with directions; pass the points as thetas (k, n)")
-            if thetas.shape[1] != self.n:
-                raise ValueError(
-                    f"thetas: got shape {tuple(thetas.shape)}; expected (k, {self.n}) with k >= 1"
-                )
-            dirs = None
-            base = None
-        else:
-            dirs = self._as_matrix(directions, "directions")
-            if dirs.shape[1] != self.n:
-                raise ValueError(f"directions: got shape {tuple(dirs.shape)}; expected (r, {self.n})")
-            if thetas.shape[1] != dirs.shape[0]:
-                raise ValueError(
-                    f"thetas: got coordinates of shape {tuple(thetas.shape)}; with {dirs.shape[0]} "
-                    f"directions expected (k, {dirs.shape[0]})"
-                )
-            base = self.theta0 if origin is None else self._as_vector(origin, "origin")
-        k = thetas.shape[0]
-        coords = thetas.detach().cpu().double().numpy() if dirs is not None else None
-        bufs: dict[str, torch.Tensor] = {}
-        if buffers is not None:
-            if not isinstance(buffers, dict):
-                raise TypeError(
-                    f"buffers: expected a dict name -> (k, ...) tensor, got {type(buffers).__name__}"
-                )
-            for name, value in buffers.items():
-                if name not in self._buffers:
-                    raise ValueError(
-                        f"buffers: unknown buffer {name!r}; the model has {list(self._buffers)[:5]}"
-                    )
-                ref = self._buffers[name]
-                value = torch.as_tensor(value)
-                if tuple(value.shape) != (k, *ref.shape):
-                    raise ValueError(
-                        f"buffers: {name!r} has shape {tuple(value.shape)}; expected {(k, *ref.shape)}"
-                    )
-                bufs[name] = self._const(value.detach().to(device=ref.device, dtype=ref.dtype))
-        metrics = dict(metrics or {})
-        for name, fn in metrics.items():
-            if not callable(fn):
-                raise TypeError(
-                    f"metrics: {name!r} is a {type(fn).__name__}; expected metric(outputs, targets)"
-                )
-        if metrics and self._module._batch_loss is not None:
-            raise TypeError(
-                "metrics: metrics need model outputs, which the batch_loss path does not expose; "
-                "pass loss_fn(outputs, targets) instead of batch_loss to use metrics"
-            )
-        if vectorize not in ("auto", True, False):
-            raise ValueError(f"vectorize: got {vectorize!r}; expected 'auto', True or False")
-        if vectorize is True and self.train:
-            raise ValueError(
-                "vectorize: True is not possible with train=True (in-place buffer updates, dropout)"
-            )
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-        ):
-            raise ValueError(f"chunk_size: got {chunk_size!r}; expected a positive int or None")
-        chunk_box = {"size": chunk_size}
-        names = list(metrics)
-        loss_fn = self._module._loss_fn
+        from flatness.landscape.evaluate import evaluate_many
 
-        def compute(batch: Any) -> torch.Tensor:
-            """Loss and metrics of one batch at the parameters now swapped into the model."""
-            if not names:
-                return self._scalar_loss(self._module(batch)).reshape(1).to(self.dtype)
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError("data: metrics need (inputs, targets) batches")
-            inputs, targets = batch
-            outputs = self.model(inputs)
-            out = [self._scalar_loss(loss_fn(outputs, targets))]  # type: ignore[misc]
-            out += [metrics[m](outputs, targets) for m in names]
-            return torch.stack(
-                [
-                    (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))).reshape(()).to(self.dtype)
-                    for v in out
-                ]
-            )
-
-        def rows(sl: slice) -> torch.Tensor:
-            if dirs is None:
-                return thetas[sl]
-            return torch.addmm(base[None], thetas[sl], dirs)  # type: ignore[index]
-
-        def auto_chunk(batch: Any) -> int:
-            # Activations scale with the inputs; a rough, safe bound keeps memory in check.
-            from flatness._data import _first_tensor
-
-            first = _first_tensor(batch)
-            per_point = 64 * (first.numel() * first.element_size() if first is not None else 1 << 20)
-            return max(1, (1 << 29) // max(per_point, 1))
-
-        def run_vmap(batch: Any) -> torch.Tensor:
-            if chunk_box["size"] is None:
-                chunk_box["size"] = min(k, auto_chunk(batch))
-            chunk = chunk_box["size"]
-
-            def one(theta: torch.Tensor, point_bufs: dict[str, torch.Tensor]) -> torch.Tensor:
-                state = self._state(theta)
-                for bname, b in point_bufs.items():
-                    state["model." + bname] = b
-                with _reparametrize_module(self._module, state, tie_weights=False, strict=False):
-                    return compute(batch)
-
-            fn = torch.func.vmap(one, in_dims=(0, 0), randomness="error")
-            pieces = []
-            for start in range(0, k, chunk):
-                sl = slice(start, start + chunk)
-                pieces.append(fn(rows(sl), {bname: b[sl] for bname, b in bufs.items()}))
-            return torch.cat(pieces)
-
-        def run_loop(batch: Any) -> torch.Tensor:
-            # The model's tensors are swapped for ours once per batch; each point only refills
-            # them. In train mode every point restarts from the model's buffers and replays the
-            # batch's random stream, as a single-θ pass would.
-            work = torch.empty(self.n, dtype=self.dtype, device=self.device)
-            state = self._state(work)
-            views = [state["model." + n] for n in self.names]
-            cast = any(
-                v.data_ptr() != w.data_ptr()
-                for v, w in zip(views, torch.split(work, self.numels), strict=True)
-            )
-            point_bufs = {bname: state["model." + bname] for bname in bufs}  # our copies
-            fresh = [(state["model." + bn], self._const(b)) for bn, b in self._buffers.items()]
-            replay = self.train and k > 1
-            rng = torch.random.get_rng_state() if replay else None
-            cuda = torch.cuda.get_rng_state_all() if replay and torch.cuda.is_initialized() else None
-            out = []
-            with _reparametrize_module(self._module, state, tie_weights=False, strict=False):
-                for i in range(k):
-                    if coords is None:
-                        work.copy_(thetas[i])
-                    else:
-                        torch.add(base, dirs[0], alpha=float(coords[i, 0]), out=work)  # type: ignore[index,arg-type]
-                        for j in range(1, coords.shape[1]):
-                            work.add_(dirs[j], alpha=float(coords[i, j]))  # type: ignore[index]
-                    if cast:  # parameters kept in their own dtypes: refill the cast copies
-                        for v, w in zip(views, torch.split(work, self.numels), strict=True):
-                            v.copy_(w.view(v.shape))
-                    if self.train:
-                        for dst, src in fresh:
-                            dst.copy_(src)
-                    for bname, b in point_bufs.items():
-                        b.copy_(bufs[bname][i])
-                    if replay:
-                        torch.random.set_rng_state(rng)  # type: ignore[arg-type]
-                        if cuda is not None:
-                            torch.cuda.set_rng_state_all(cuda)
-                    out.append(compute(batch))
-            return torch.stack(out)
-
-        # Whether vmap works depends on the model and on the metrics: remember it per kind of call.
-        key = (tuple(names), tuple(bufs))
-        cached = self._vmap_ok.get(key)
-        if vectorize is False or self.train:
-            use_vmap: bool | None = False
-        elif vectorize is True:
-            use_vmap = True
-        elif self._has_conv and self.device.type == "cpu":
-            use_vmap = False
-        else:
-            use_vmap = cached
-        mode = {"vmap": use_vmap}
-
-        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                if mode["vmap"] is None and chunk_size is None and k > 1 and auto_chunk(batch) < 128:
-                    # A large batch per point: batched kernels (bigger intermediates, grouped
-                    # convolutions) were slower than the loop, 2x on the benchmark MLP with
-                    # 2,048 samples and 3x on the CNN (benchmarks/bench_landscape.py, CPU).
-                    mode["vmap"] = False
-                if mode["vmap"] is None:
-                    try:
-                        out = run_vmap(batch)
-                        mode["vmap"] = True
-                    except Exception:
-                        mode["vmap"] = False
-                        out = run_loop(batch)
-                else:
-                    out = run_vmap(batch) if mode["vmap"] else run_loop(batch)
-            return torch.zeros((), dtype=self.dtype, device=self.device), out.reshape(-1)
-
-        width = 1 + len(names)
-        self.n_loss += k
-        _, total = self._pass(per_batch, "losses", extra_numel=k * width, check_finite=False)
-        assert total is not None
-        if vectorize == "auto" and not self.train and mode["vmap"] is not None:
-            self._vmap_ok[key] = mode["vmap"]
-        self.last_vectorized = bool(mode["vmap"])
-        table = total.reshape(k, width)
-        return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
-
-    def _as_matrix(self, m: Any, name: str) -> torch.Tensor:
-        if isinstance(m, np.ndarray):
-            m = torch.from_numpy(m)
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"{name}: expected a 2-D tensor or array, got {type(m).__name__}")
-        if m.ndim != 2 or m.shape[0] == 0:
-            raise ValueError(f"{name}: got shape {tuple(m.shape)}; expected a 2-D (k, ...) array with k >= 1")
-        return m.detach().to(device=self.device, dtype=self.dtype)
+        return evaluate_many(self, thetas, **options)
 
 
 def check_options(fn: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Reject keyword arguments that neither ``fn`` nor :class:`Objective` takes.
-
-    Public functions forward ``**options`` to :class:`Objective`; without this check a typo
-    such as ``epsilom=`` would surface as an error of ``Objective.__init__``.
-    """
-    accepted = [
-        name
-        for name, par in inspect.signature(Objective.__init__).parameters.items()
-        if par.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = [k for k in options if k not in accepted]
-    if not unknown:
-        return
-    own = [
-        name
-        for name, par in inspect.signature(fn).parameters.items()
-        if par.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "this function"))
-    key = unknown[0]
-    close = difflib.get_close_matches(key, own + accepted, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise TypeError(
-        f"{name}() got an unexpected keyword argument {key!r}{hint}. Its own options are "
-        f"{[o for o in own if o not in ('model', 'loss_fn', 'data', 'self')]}; it also forwards "
-        f"{accepted} to flatness.Objective"
-    )
+    """Reject keyword arguments that neither ``fn`` nor :class:`Objective` takes (typos)."""
+    _check_options(fn, options, Objective.__init__)
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
@@ -807,16 +528,3 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
     return out
-
-
-def check_positive(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
-    """Raise a ValueError/TypeError naming ``name`` unless ``value`` is a positive number."""
-    if value is None and allow_none:
-        return
-    kind = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        what = "an int" if integer else "a number"
-        raise TypeError(f"{name}: expected {what} > 0, got {value!r}")
-    if not value > 0 or (not integer and not math.isfinite(value)):
-        what = "an int" if integer else "a finite number"
-        raise ValueError(f"{name}: got {value!r}; expected {what} > 0")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["plot_1d", "plot_contour", "plot_density", "plot_spectrum", "plot_surface"]
+__all__ = ["plot_1d", "plot_block_densities", "plot_contour", "plot_density", "plot_spectrum", "plot_surface"]
 
 
 def _pyplot() -> Any:
@@ -236,3 +236,43 @@ def plot_density(result: Any = None, density: Any = None, *, ax: Any = None, log
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     return ax
+
+
+def plot_block_densities(result: Any, *, axes: Any = None, log: bool = True, sharex: bool = True) -> Any:
+    """One spectral density per parameter block, side by side (a ``hessian_density(blocks=...)`` result).
+
+    Block heterogeneity — blocks whose spectra differ by orders of magnitude — is what Zhang et
+    al. 2024 ("Why Transformers Need Adam: A Hessian Perspective", arXiv 2402.16788) relate to
+    SGD's trouble with transformers.
+
+    Args:
+        result: a :class:`flatness.BlockSpectra` of densities.
+        axes: a sequence of Axes, one per block; default a new figure with one row of panels.
+        log: logarithmic density axes (see :func:`plot_density`).
+        sharex: the same eigenvalue range on every panel, so blocks compare by eye.
+
+    Returns:
+        The list of Axes, titled by block.
+
+    Raises:
+        ImportError: matplotlib is missing. TypeError: not a per-block density result.
+    """
+    blocks = getattr(result, "blocks", None)
+    if not isinstance(blocks, dict) or not blocks or not all(hasattr(r, "density") for r in blocks.values()):
+        raise TypeError("result: expected hessian_density(..., blocks=...)'s result (densities per block)")
+    plt = _pyplot()
+    if axes is None:
+        _fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 2.8), squeeze=False)
+        axes = list(axes[0])
+    axes = list(axes)
+    if len(axes) != len(blocks):
+        raise ValueError(f"axes: got {len(axes)} Axes for {len(blocks)} blocks")
+    for ax, (name, res) in zip(axes, blocks.items(), strict=True):
+        plot_density(res, ax=ax, log=log)
+        ax.set_title(str(name))
+    if sharex:
+        lo = min(float(np.min(_array(r.grid, "grid"))) for r in blocks.values())
+        hi = max(float(np.max(_array(r.grid, "grid"))) for r in blocks.values())
+        for ax in axes:
+            ax.set_xlim(lo, hi)
+    return axes

@@ -82,4 +82,7 @@ class Result:
             isinstance(max_array_size, bool) or not isinstance(max_array_size, int) or max_array_size < 0
         ):
             raise ValueError(f"max_array_size: got {max_array_size!r}; expected an int >= 0 or None")
-        return to_jsonable(self, max_array_size=max_array_size)
+        out = to_jsonable(self, max_array_size=max_array_size)
+        for key in getattr(self, "_extra_keys", ()):
+            out[key] = to_jsonable(getattr(self, key), max_array_size=max_array_size)
+        return out

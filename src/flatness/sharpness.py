@@ -8,7 +8,7 @@
   |θ| (Andriushchenko et al. 2023).
 
 All evaluate the full data through :class:`flatness.Objective` and leave the model untouched.
-The optimizers live in :mod:`flatness._maximize` and know nothing of models.
+The optimizers live in :mod:`flatness.algorithms.maximize` and know nothing of models.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from flatness._guard import model_guard
-from flatness._maximize import maximize_ball, maximize_box
 from flatness._progress import Progress, ProgressArg
-from flatness.objective import Objective, check_options, check_positive
+from flatness._validate import check_int, check_positive, check_seed
+from flatness.algorithms.maximize import maximize_ball, maximize_box
+from flatness.objective import Objective, check_options
 from flatness.results import Result
 
 __all__ = [
@@ -151,22 +152,15 @@ class _Evaluator:
 
 
 def _random_signs(g: np.ndarray, generator: torch.Generator) -> np.ndarray:
-    """sign(g), with seeded random ±1 where g is zero (SPEC §1 pitfall)."""
+    """sign(g), with seeded random ±1 where g is zero."""
     coins = torch.randint(0, 2, (g.shape[0],), generator=generator).numpy() * 2.0 - 1.0
     return np.where(g > 0, 1.0, np.where(g < 0, -1.0, coins))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: got {value}; expected an int >= {minimum}")
 
 
 def _max_evals(max_evals: Any, max_iter: int) -> int:
     if max_evals is None:
         return 3 * max_iter + 10
-    _check_int("max_evals", max_evals, 1)
+    check_int("max_evals", max_evals, 1)
     return int(max_evals)
 
 
@@ -175,11 +169,6 @@ def _check_tol(tol: Any) -> None:
         raise TypeError(f"tol: expected a number >= 0, got {tol!r}")
     if not (math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol: got {tol!r}; expected a finite number >= 0")
-
-
-def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int, got {seed!r}")
 
 
 def _subspace_matrix(
@@ -305,9 +294,9 @@ def sharpness(
     check_options(sharpness, options)
     check_positive("epsilon", epsilon)
     _check_tol(tol)
-    _check_int("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, 1)
     max_evals = _max_evals(max_evals, max_iter)
-    _check_seed(seed)
+    check_seed(seed)
     with model_guard(model):
         obj = Objective(model, loss_fn, data, **options)
         generator = torch.Generator().manual_seed(int(seed))
@@ -416,7 +405,9 @@ def adaptive_sharpness(
     the start and one per step) or one per L-BFGS-B evaluation (p = ∞).
 
     Args:
-        model, loss_fn, data: as for :func:`sharpness`.
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
         rho: radius ρ > 0.
         p: 2 or ``float('inf')`` (``"inf"`` accepted).
         adaptive: scale by c = |θ| + η (True) or use the standard ball c = 1 (False).
@@ -442,9 +433,9 @@ def adaptive_sharpness(
     check_positive("rho", rho)
     p_value = _parse_p(p)
     _check_tol(tol)
-    _check_int("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, 1)
     max_evals = _max_evals(max_evals, max_iter)
-    _check_seed(seed)
+    check_seed(seed)
     with model_guard(model):
         obj = Objective(model, loss_fn, data, **options)
         c = _scale(obj, adaptive, eta)
@@ -525,7 +516,9 @@ def average_sharpness(
     loss passes (no gradients).
 
     Args:
-        model, loss_fn, data: as for :func:`sharpness`.
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
         rho: noise scale ρ > 0.
         n_samples: number of draws ≥ 1.
         adaptive: scale by c = |θ| + η (True) or c = 1 (False).
@@ -544,8 +537,8 @@ def average_sharpness(
     """
     check_options(average_sharpness, options)
     check_positive("rho", rho)
-    _check_int("n_samples", n_samples, 1)
-    _check_seed(seed)
+    check_int("n_samples", n_samples, 1)
+    check_seed(seed)
     with model_guard(model):
         obj = Objective(model, loss_fn, data, **options)
         c = _scale(obj, adaptive, eta)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatness.objective import ParamSpec, _select_params, _unwrap
+from flatness._params import ParamLayout, ParamSpec, select_params, unwrap
+from flatness._validate import check_seed
 from flatness.results import Result
 
 __all__ = [
@@ -44,7 +45,7 @@ def _check_normalization(normalization: Any) -> None:
 def _named(model: nn.Module, params: ParamSpec) -> list[tuple[str, torch.Tensor]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    return [(n, p.detach()) for n, p in _select_params(_unwrap(model), params)]
+    return [(n, p.detach()) for n, p in select_params(unwrap(model), params)]
 
 
 def _normalize_tensor(d: torch.Tensor, w: torch.Tensor, normalization: Normalization, ignore_1d: bool):
@@ -156,10 +157,8 @@ def random_direction(
         ValueError: unknown normalization. TypeError: a seed that is not an int.
     """
     _check_normalization(normalization)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {seed!r}")
     named = _named(model, params)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed))
     out = {}
     for n, w in named:
         d = torch.randn(w.shape, generator=g, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
@@ -173,11 +172,9 @@ def _flat_names(model: nn.Module, params: ParamSpec) -> tuple[list[tuple[str, to
 
 
 def _unflatten(v: torch.Tensor, named: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for n, w in named:
-        out[n] = v[i : i + w.numel()].reshape(w.shape).to(device=w.device, dtype=w.dtype)
-        i += w.numel()
-    return out
+    """A flat vector as tensors shaped, typed and placed like the parameters ``named``."""
+    pieces = ParamLayout.of(named).unflatten(v)
+    return {n: pieces[n].to(device=w.device, dtype=w.dtype) for n, w in named}
 
 
 def eigen_directions(
@@ -247,7 +244,7 @@ class TrajectoryPCA(Result):
 
 def _checkpoint_vector(ckpt: Any, named: list[tuple[str, torch.Tensor]], i: int) -> torch.Tensor:
     if isinstance(ckpt, nn.Module):
-        ckpt = dict(_unwrap(ckpt).named_parameters())
+        ckpt = dict(unwrap(ckpt).named_parameters())
     if not isinstance(ckpt, Mapping):
         raise TypeError(f"checkpoints[{i}]: expected a model or a state dict, got {type(ckpt).__name__}")
     state = {k.removeprefix("module."): v for k, v in ckpt.items()}

@@ -7,6 +7,7 @@ model allows it), so a DataLoader is read once per group, not once per point.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -160,29 +161,58 @@ def _same_directions(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.T
     return True
 
 
-def _run_grid(
-    obj: Objective,
-    cls: type[LandscapeResult],
-    *,
-    coords_of: Callable[[np.ndarray], np.ndarray],
-    dirs: torch.Tensor,
-    origin: torch.Tensor | None,
-    center_coords: np.ndarray,
-    buffers_of: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None,
-    alphas: np.ndarray,
-    betas: np.ndarray | None,
-    directions: list[dict[str, torch.Tensor]],
-    metrics: dict[str, Metric],
-    resume: LandscapeResult | None,
-    checkpoint: str | os.PathLike[str] | None,
-    points_per_pass: int | None,
-    vectorize: Any,
-    chunk_size: int | None,
-    progress: ProgressArg,
-    normalization: str | None,
-    seed: int | None,
-    nonfinite_hint: str = "the grid may reach too far from the centre",
-) -> LandscapeResult:
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """The points of a landscape: θ(c) = origin + Σ_j c_j dirs_j for the coordinates of each index.
+
+    Attributes:
+        kind: the result class.
+        coords_of: grid indices → their coordinates (k, r).
+        dirs: the (r, n) directions; origin: the (n,) origin (None: the model's θ₀).
+        center_coords: the coordinates of the centre (evaluated once, with the first pass).
+        buffers_of: grid indices → per-point buffers (interpolation of BatchNorm statistics).
+        alphas, betas: the axes; directions: as reported in the result.
+        normalization, seed: as reported in the result.
+        nonfinite_hint: the likely cause named when points have a non-finite loss.
+    """
+
+    kind: type[LandscapeResult]
+    coords_of: Callable[[np.ndarray], np.ndarray]
+    dirs: torch.Tensor
+    center_coords: np.ndarray
+    alphas: np.ndarray
+    betas: np.ndarray | None
+    directions: list[dict[str, torch.Tensor]]
+    origin: torch.Tensor | None = None
+    buffers_of: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+    normalization: str | None = None
+    seed: int | None = None
+    nonfinite_hint: str = "the grid may reach too far from the centre"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Evaluation:
+    """How a grid is evaluated: metrics, resuming and checkpoints, passes, vectorization, progress."""
+
+    metrics: dict[str, Metric]
+    resume: LandscapeResult | None
+    checkpoint: str | os.PathLike[str] | None
+    points_per_pass: int | None
+    vectorize: Any
+    chunk_size: int | None
+    progress: ProgressArg
+
+
+def _run_grid(obj: Objective, grid: _Grid, run: _Evaluation) -> LandscapeResult:
+    """Evaluate every pending point of ``grid`` in as few passes as ``run`` allows."""
+    cls, alphas, betas, directions = grid.kind, grid.alphas, grid.betas, grid.directions
+    metrics, resume, checkpoint, points_per_pass = (
+        run.metrics,
+        run.resume,
+        run.checkpoint,
+        run.points_per_pass,
+    )
+    progress = run.progress
     shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
     total = math.prod(shape)
     if resume is not None:
@@ -230,8 +260,8 @@ def _run_grid(
             n_nonfinite=nonfinite,
             n_passes=n_passes,
             vectorized=vectorized,
-            normalization=normalization,
-            seed=seed,
+            normalization=grid.normalization,
+            seed=grid.seed,
         )
 
     groups = [pending[i : i + points_per_pass] for i in range(0, len(pending), points_per_pass)]
@@ -239,22 +269,22 @@ def _run_grid(
         groups = [np.zeros(0, dtype=np.int64)]
     try:
         for group in groups:
-            coords = coords_of(group)
-            bufs = buffers_of(torch.as_tensor(group, dtype=torch.long)) if buffers_of is not None else None
+            coords = grid.coords_of(group)
+            bufs = grid.buffers_of(torch.as_tensor(group, dtype=torch.long)) if grid.buffers_of else None
             with_center = center is None
             if with_center:
                 # The centre rides along with the first pass: no extra pass over the data.
-                coords = np.concatenate([coords, center_coords[None]])
+                coords = np.concatenate([coords, grid.center_coords[None]])
                 if bufs is not None:
                     bufs = {n: torch.cat([b, obj._buffers[n][None].to(b.dtype)]) for n, b in bufs.items()}
             losses, mvals = obj.evaluate_many(
                 torch.as_tensor(coords, dtype=obj.dtype, device=obj.device),
-                directions=dirs,
-                origin=origin,
+                directions=grid.dirs,
+                origin=grid.origin,
                 buffers=bufs,
                 metrics=metrics,
-                vectorize=vectorize,
-                chunk_size=chunk_size,
+                vectorize=run.vectorize,
+                chunk_size=run.chunk_size,
             )
             vectorized = obj.last_vectorized
             losses_np = losses.detach().cpu().double().numpy()
@@ -276,7 +306,7 @@ def _run_grid(
     if out.n_nonfinite:
         warnings.warn(
             f"{out.n_nonfinite} of {total} grid points have a non-finite loss (kept as NaN/inf in .loss); "
-            + nonfinite_hint,
+            + grid.nonfinite_hint,
             RuntimeWarning,
             stacklevel=3,
         )
@@ -316,7 +346,9 @@ def landscape_1d(
     Nets", arXiv 1712.09913. On a quadratic, f(α) = f(θ) + α gᵀd + ½ α² dᵀHd exactly.
 
     Args:
-        model, loss_fn, data: as for :class:`flatness.Objective`.
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
         alphas: the step sizes (any finite values; include 0 to see the centre).
         direction: a dict or flat vector; default a seeded random direction.
         normalization: ``"filter"`` (Li et al.), ``"layer"`` or ``None`` (use ``direction``
@@ -325,7 +357,8 @@ def landscape_1d(
         seed: seed of the random direction.
         metrics: ``{name: metric(outputs, targets)}`` evaluated at every point, e.g.
             ``{"accuracy": flatness.landscape.accuracy}``.
-        vectorize, chunk_size: see :meth:`flatness.Objective.evaluate_many`.
+        vectorize: see :meth:`flatness.Objective.evaluate_many`.
+        chunk_size: as ``vectorize``.
         points_per_pass: points evaluated per pass over the data (default: the whole grid
             in one pass; a tenth of it with ``checkpoint`` or ``progress``). Points are
             coordinates along the directions, so memory does not grow with it.
@@ -361,27 +394,19 @@ def landscape_1d(
         )
         dv = obj.flatten(d)
         resume = _resume(resume_from, Landscape1D, a, None, list(metrics_d))
-        return _run_grid(  # type: ignore[return-value]
-            obj,
+        grid = _Grid(
             Landscape1D,
             coords_of=lambda idx: a[idx][:, None],
             dirs=dv[None],
-            origin=None,
             center_coords=np.zeros(1),
-            buffers_of=None,
             alphas=a,
             betas=None,
             directions=[d],
-            metrics=metrics_d,
-            resume=resume,
-            checkpoint=checkpoint,
-            points_per_pass=points_per_pass,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            progress=progress,
             normalization=normalization,
             seed=seed if direction is None else None,
         )
+        run = _Evaluation(metrics_d, resume, checkpoint, points_per_pass, vectorize, chunk_size, progress)
+        return _run_grid(obj, grid, run)  # type: ignore[return-value]
 
 
 def landscape_2d(
@@ -415,12 +440,24 @@ def landscape_2d(
     2×2 matrix [dᵢᵀHdⱼ] plus the linear term.
 
     Args:
-        model, loss_fn, data: as for :class:`flatness.Objective`.
-        alphas, betas: grid coordinates along d₁ and d₂.
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
+        alphas: grid coordinates along d₁ and d₂.
+        betas: as ``alphas``.
         directions: two dicts or flat vectors, or a (2, n) tensor; default seeded random ones.
-        normalization, ignore_1d, seed, metrics, vectorize, chunk_size, points_per_pass,
-        resume_from, checkpoint, progress, **options: as for :func:`landscape_1d`
-            (``checkpoint`` or ``progress`` default: one row of the grid per pass).
+        normalization: as for :func:`landscape_1d`.
+        ignore_1d: as for :func:`landscape_1d`.
+        seed: as for :func:`landscape_1d`.
+        metrics: as for :func:`landscape_1d`.
+        vectorize: as for :func:`landscape_1d`.
+        chunk_size: as for :func:`landscape_1d`.
+        resume_from: as for :func:`landscape_1d`.
+        checkpoint: as for :func:`landscape_1d`.
+        progress: as for :func:`landscape_1d`.
+        points_per_pass: as for :func:`landscape_1d` (with ``checkpoint`` or ``progress``, the default is
+            one row of the grid per pass).
+        **options: as for :func:`landscape_1d`.
 
     Returns:
         :class:`Landscape2D`; ``.loss[i, j]`` is at ``(alphas[i], betas[j])``.
@@ -457,27 +494,19 @@ def landscape_2d(
         ]
         nb = len(b)
         resume = _resume(resume_from, Landscape2D, a, b, list(metrics_d))
-        return _run_grid(  # type: ignore[return-value]
-            obj,
+        grid = _Grid(
             Landscape2D,
             coords_of=lambda idx: np.stack([a[idx // nb], b[idx % nb]], axis=1),
             dirs=torch.stack([obj.flatten(ds[0]), obj.flatten(ds[1])]),
-            origin=None,
             center_coords=np.zeros(2),
-            buffers_of=None,
             alphas=a,
             betas=b,
             directions=ds,
-            metrics=metrics_d,
-            resume=resume,
-            checkpoint=checkpoint,
-            points_per_pass=points_per_pass,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            progress=progress,
             normalization=normalization,
             seed=seed if directions is None else None,
         )
+        run = _Evaluation(metrics_d, resume, checkpoint, points_per_pass, vectorize, chunk_size, progress)
+        return _run_grid(obj, grid, run)  # type: ignore[return-value]
 
 
 def _check_same_structure(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -530,13 +559,20 @@ def interpolate(
     outside ``params`` are model_a's.
 
     Args:
-        model_a, model_b: two models of the same structure (names, shapes of parameters
+        model_a: two models of the same structure (names, shapes of parameters
             and buffers); α = 0 is model_a, α = 1 model_b.
-        loss_fn, data: as for :class:`flatness.Objective`.
+        model_b: as ``model_a``.
+        loss_fn: as for :class:`flatness.Objective`.
+        data: as ``loss_fn``.
         alphas: the points (any finite values).
         metrics: ``{name: metric(outputs, targets)}``, e.g. accuracy.
         interpolate_buffers: interpolate floating buffers too (default); False keeps model_a's.
-        vectorize, chunk_size, points_per_pass, resume_from, checkpoint, progress,
+        vectorize: as for :func:`landscape_1d`.
+        chunk_size: as for :func:`landscape_1d`.
+        points_per_pass: as for :func:`landscape_1d`.
+        resume_from: as for :func:`landscape_1d`.
+        checkpoint: as for :func:`landscape_1d`.
+        progress: as for :func:`landscape_1d`.
         **options: as for :func:`landscape_1d`.
 
     Returns:
@@ -577,8 +613,7 @@ def interpolate(
                     return out
 
         resume = _resume(resume_from, Interpolation, a, None, list(metrics_d))
-        return _run_grid(  # type: ignore[return-value]
-            obj,
+        grid = _Grid(
             Interpolation,
             # θ(α) = (1 − α) θ_a + α θ_b: coordinates (1 − α, α) on the directions (θ_a, θ_b).
             coords_of=lambda idx: np.stack([1 - a[idx], a[idx]], axis=1),
@@ -589,15 +624,6 @@ def interpolate(
             alphas=a,
             betas=None,
             directions=[direction],
-            metrics=metrics_d,
-            resume=resume,
-            checkpoint=checkpoint,
-            points_per_pass=points_per_pass,
-            vectorize=vectorize,
-            chunk_size=chunk_size,
-            progress=progress,
-            normalization=None,
-            seed=None,
             nonfinite_hint=(
                 "interpolated buffers (e.g. BatchNorm running_var) can turn negative outside "
                 "alpha in [0, 1]; pass interpolate_buffers=False to keep model_a's buffers"
@@ -605,3 +631,5 @@ def interpolate(
                 else "the models may be too far apart for these alphas"
             ),
         )
+        run = _Evaluation(metrics_d, resume, checkpoint, points_per_pass, vectorize, chunk_size, progress)
+        return _run_grid(obj, grid, run)  # type: ignore[return-value]

@@ -1,24 +1,26 @@
-"""Hessian spectra: eigensolver, trace and density on any symmetric operator, and on models.
+"""Model-level spectra of curvature matrices: top-k eigenpairs, trace, spectral density.
 
-The numerical layer (:func:`lanczos_eigsh`, :func:`hutchinson`, :func:`hutchpp`,
-:func:`slq_density`) takes ``matvec(v) -> H v`` and a size n; the model-level functions
-(:func:`hessian_topk`, :func:`hessian_trace`, :func:`hessian_density`) build the objective's
-Hessian-vector product and call them.
+:func:`hessian_topk`, :func:`hessian_trace` and :func:`hessian_density` build the curvature
+operator of ``(model, loss_fn, data)`` (:mod:`flatness.operators`) and run the algorithms of
+:mod:`flatness.algorithms` on it. The algorithms are re-exported here for compatibility.
 """
 
-from flatness.spectrum.density import DensityResult, slq_density
+from flatness.algorithms.density import DensityResult, slq_density
+from flatness.algorithms.lanczos import LanczosResult, lanczos_eigsh
+from flatness.algorithms.trace import TraceResult, hutchinson, hutchpp, trace_estimate
 from flatness.spectrum.hessian import (
+    BlockSpectra,
     HessianDensity,
     HessianTopK,
     HessianTrace,
     hessian_density,
     hessian_topk,
     hessian_trace,
+    parameter_blocks,
 )
-from flatness.spectrum.lanczos import LanczosResult, lanczos_eigsh
-from flatness.spectrum.trace import TraceResult, hutchinson, hutchpp, trace_estimate
 
 __all__ = [
+    "BlockSpectra",
     "DensityResult",
     "HessianDensity",
     "HessianTopK",
@@ -31,6 +33,7 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos_eigsh",
+    "parameter_blocks",
     "slq_density",
     "trace_estimate",
 ]

@@ -1,116 +1,216 @@
-"""Model-level Hessian spectra: top-k eigenpairs, trace and spectral density of ∇²L(θ).
+"""Model-level spectra: top-k eigenpairs, trace and spectral density of a curvature matrix.
 
 Each function binds ``(model, loss_fn, data)`` into the exact full-data objective
-(:class:`flatness.Objective`, SPEC §0) and runs a numerical routine of
-:mod:`flatness.spectrum` on its Hessian-vector product, on the model's device.
+(:class:`flatness.Objective`), builds the curvature operator named by ``curvature=`` (the
+Hessian by default; the GGN, the Fisher or the empirical Fisher, see :mod:`flatness.operators`)
+and runs an algorithm of :mod:`flatness.algorithms` on it, on the model's device. With
+``blocks=`` the same is done for each parameter block's diagonal block, in one call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from flatness._guard import model_guard
 from flatness._progress import ProgressArg
-from flatness.objective import Objective, check_options, check_positive
-from flatness.operator import HessianOperator
+from flatness._validate import check_choice, check_positive
+from flatness.algorithms.density import DensityResult, slq_density
+from flatness.algorithms.lanczos import LanczosResult, Which, check_which, default_ncv, lanczos_eigsh
+from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
+from flatness.objective import check_options
+from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
 from flatness.results import Result
-from flatness.spectrum.density import slq_density
-from flatness.spectrum.lanczos import Which, check_which, lanczos_eigsh
-from flatness.spectrum.trace import METHODS, trace_estimate
 
 __all__ = [
+    "BlockSpectra",
     "HessianDensity",
     "HessianTopK",
     "HessianTrace",
     "hessian_density",
     "hessian_topk",
     "hessian_trace",
+    "parameter_blocks",
 ]
+
+Curvature = Literal["hessian", "ggn", "fisher", "empirical_fisher"]
+Blocks = Literal["module", "parameter"] | Mapping[str, Any] | None
 
 
 @dataclasses.dataclass(frozen=True)
-class HessianTopK(Result):
-    """The k extreme eigenpairs of the loss Hessian, with their certificates.
+class HessianTopK(LanczosResult):
+    """The k extreme eigenpairs of a curvature matrix (the Hessian by default), certified.
+
+    The fields of :class:`flatness.algorithms.LanczosResult` (eigenvalues, eigenvectors (k, n) in
+    θ's flat order, true residuals, ``n_matvec``, converged, ...), plus:
 
     Attributes:
-        eigenvalues: (k,) sorted by ``which``.
-        eigenvectors: (k, n) unit rows in θ's flat order (see :meth:`eigenvector_dicts`).
-        residuals: (k,) true residuals ‖H v − λ v‖.
-        n_hvp: Hessian-vector products used (one full data pass each).
-        converged: every pair met ``residual ≤ tol · max(|λ|, tiny)``.
-        n_restarts: thick restarts of the Lanczos basis.
-        which, k, tol, ncv: options used.
-        names, shapes: θ's parameter names and shapes.
+        names, shapes: θ's parameter names and shapes (see :meth:`eigenvector_dicts`).
+        curvature: the matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        n_hvp: the products used (= ``n_matvec``; one full data pass each).
     """
 
-    eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    residuals: torch.Tensor
-    n_hvp: int
-    converged: bool
-    n_restarts: int
-    which: str
-    k: int
-    tol: float
-    ncv: int
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
+    names: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, ...], ...] = ()
+    curvature: str = "hessian"
+    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
+
+    @property
+    def n_hvp(self) -> int:
+        return self.n_matvec
 
     def eigenvector_dicts(self) -> list[dict[str, torch.Tensor]]:
         """The eigenvectors as parameter-shaped dicts keyed like ``model.named_parameters()``."""
-        sizes = [int(torch.Size(s).numel()) for s in self.shapes]
-        out = []
-        for vec in self.eigenvectors:
-            pieces = torch.split(vec, sizes)
-            out.append({n: p.view(s) for n, p, s in zip(self.names, pieces, self.shapes, strict=True)})
+        from flatness._params import ParamLayout
+
+        layout = ParamLayout(self.names, self.shapes)
+        return [layout.unflatten(vec) for vec in self.eigenvectors]
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianTrace(TraceResult):
+    """An estimate of tr(A) for a curvature matrix A (the Hessian by default).
+
+    The fields of :class:`flatness.algorithms.TraceResult` (estimate, std_error, ``n_matvec``,
+    method, n_probes, sketch_size), plus ``curvature`` and ``n_hvp`` (= ``n_matvec``).
+    """
+
+    curvature: str = "hessian"
+    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
+
+    @property
+    def n_hvp(self) -> int:
+        return self.n_matvec
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianDensity(DensityResult):
+    """The eigenvalue density of a curvature matrix by stochastic Lanczos quadrature.
+
+    The fields of :class:`flatness.algorithms.DensityResult` (grid, density, nodes, weights,
+    ``n_matvec``, sigma, n_runs, n_steps), plus ``curvature`` and ``n_hvp`` (= ``n_matvec``).
+    """
+
+    curvature: str = "hessian"
+    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
+
+    @property
+    def n_hvp(self) -> int:
+        return self.n_matvec
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpectra(Result):
+    """One result per parameter block (the diagonal blocks of the curvature matrix).
+
+    Attributes:
+        blocks: ``{block name: result}`` in the model's parameter order; each result is a
+            :class:`HessianTopK`, :class:`HessianTrace` or :class:`HessianDensity` of that block.
+        params: ``{block name: the parameter names in it}``.
+        n_hvp: products used over all blocks.
+    """
+
+    blocks: dict[str, Any]
+    params: dict[str, tuple[str, ...]]
+    n_hvp: int
+
+    def __getitem__(self, name: str) -> Any:
+        return self.blocks[name]
+
+    def __iter__(self) -> Any:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def parameter_blocks(model: nn.Module, names: list[str], blocks: Blocks) -> dict[str, tuple[str, ...]]:
+    """Group θ's parameter ``names`` into blocks.
+
+    ``"module"``: one block per module that owns parameters directly (a layer), named after
+    it; ``"parameter"``: one block per parameter tensor; a mapping ``{block: [parameter
+    names]}`` as given (each name once, all among ``names``).
+    """
+    if isinstance(blocks, str):
+        check_choice("blocks", blocks, ("module", "parameter"))
+        if blocks == "parameter":
+            return {n: (n,) for n in names}
+        out: dict[str, tuple[str, ...]] = {}
+        for n in names:
+            owner = n.rpartition(".")[0] or "(model)"
+            out[owner] = (*out.get(owner, ()), n)
         return out
+    if not isinstance(blocks, Mapping):
+        raise TypeError(
+            "blocks: expected 'module', 'parameter' or a mapping {block name: [parameter names]}, "
+            f"got {type(blocks).__name__}"
+        )
+    seen: set[str] = set()
+    out = {}
+    for key, members in blocks.items():
+        members = (members,) if isinstance(members, str) else tuple(members)
+        if not members or not all(isinstance(m, str) for m in members):
+            raise ValueError(f"blocks: block {key!r} must list one or more parameter names, got {members!r}")
+        unknown = [m for m in members if m not in names]
+        if unknown:
+            raise ValueError(
+                f"blocks: block {key!r} names {unknown[:3]}, which are not among the measured "
+                f"parameters (e.g. {names[:4]})"
+            )
+        twice = [m for m in members if m in seen]
+        if twice:
+            raise ValueError(f"blocks: parameter {twice[0]!r} is in more than one block")
+        seen.update(members)
+        out[str(key)] = members
+    if not out:
+        raise ValueError("blocks: the mapping is empty; give at least one block")
+    return out
 
 
-@dataclasses.dataclass(frozen=True)
-class HessianTrace(Result):
-    """An estimate of tr(∇²L(θ)) with its standard error.
-
-    Attributes:
-        estimate, std_error: the estimate and its standard error.
-        n_hvp: Hessian-vector products used.
-        method: ``"hutch++"`` or ``"hutchinson"``; n_probes, sketch_size: its split of n_hvp.
-    """
-
-    estimate: float
-    std_error: float
-    n_hvp: int
-    method: str
-    n_probes: int
-    sketch_size: int
+def _per_block(op: CurvatureOperator, blocks: Blocks, fn: Callable[[CurvatureOperator], Any]) -> BlockSpectra:
+    groups = parameter_blocks(op.objective.model, op.objective.names, blocks)
+    results = {name: fn(op.block(list(members))) for name, members in groups.items()}
+    return BlockSpectra(results, groups, sum(r.n_matvec for r in results.values()))
 
 
-@dataclasses.dataclass(frozen=True)
-class HessianDensity(Result):
-    """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
-
-    Attributes:
-        grid, density: φ(t) on the grid (integrates to 1 over a covering grid).
-        nodes, weights: (n_runs, n_steps) Ritz values and quadrature weights (sum 1).
-        n_hvp: Hessian-vector products used.
-        sigma, n_runs, n_steps: options used.
-    """
-
-    grid: torch.Tensor
-    density: torch.Tensor
-    nodes: torch.Tensor
-    weights: torch.Tensor
-    n_hvp: int
-    sigma: float
-    n_runs: int
-    n_steps: int
+def _start(op: CurvatureOperator, v0: Any) -> torch.Tensor | None:
+    if v0 is None:
+        return None
+    if isinstance(v0, Mapping):
+        return op.objective.flatten(dict(v0))
+    return op.objective._as_vector(v0, "v0")
 
 
-def _operator(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> HessianOperator:
-    return HessianOperator.from_objective(Objective(model, loss_fn, data, **options))
+def _dense_topk(op: CurvatureOperator, k: int, which: str, tol: float, ncv: int) -> HessianTopK:
+    """All of a small block's matrix (n products) and its exact eigenpairs."""
+    from flatness.algorithms.lanczos import _order
+
+    A = op.dense().double()
+    A = (A + A.T) / 2
+    vals, vecs = torch.linalg.eigh(A)
+    order = _order(vals, which)[:k]
+    vals, vecs = vals[order], vecs[:, order].T
+    res = (vecs @ A - vals[:, None] * vecs).norm(dim=1)
+    obj = op.objective
+    return HessianTopK(
+        eigenvalues=vals.to(obj.dtype),
+        eigenvectors=vecs.to(obj.dtype),
+        residuals=res.to(obj.dtype),
+        n_matvec=op.shape[0],
+        converged=True,
+        n_restarts=0,
+        which=which,
+        k=k,
+        tol=float(tol),
+        ncv=ncv,
+        names=tuple(obj.names),
+        shapes=tuple(tuple(s) for s in obj.shapes),
+        curvature=op.name,
+    )
 
 
 def hessian_topk(
@@ -124,73 +224,93 @@ def hessian_topk(
     max_hvp: int | None = None,
     ncv: int | None = None,
     seed: int = 0,
+    v0: Any = None,
+    curvature: Curvature = "hessian",
+    blocks: Blocks = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianTopK:
-    """The k largest / smallest / largest-magnitude eigenpairs of the loss Hessian.
+) -> HessianTopK | BlockSpectra:
+    """The k largest / smallest / largest-magnitude eigenpairs of the loss Hessian (or GGN, Fisher).
 
-    .. math:: \\nabla^2 L(\\theta)\\, v_i = \\lambda_i v_i,\\qquad
-        \\|\\nabla^2 L\\, v_i - \\lambda_i v_i\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, \\mathrm{tiny})
+    .. math:: A\\, v_i = \\lambda_i v_i,\\qquad
+        \\|A v_i - \\lambda_i v_i\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, \\mathrm{tiny})
 
-    Thick-restart Lanczos with full reorthogonalization (Lanczos 1950; Wu & Simon 2000), see
-    :func:`flatness.spectrum.lanczos_eigsh`; replaces the power iteration with deflation of
-    PyHessian (Yao et al. 2020, arXiv 1912.07145). Memory: (2m + 1) vectors of n numbers,
-    m = ``ncv`` = max(2k + 1, 20). Like every single-vector Krylov method (ARPACK included), an
-    exactly repeated eigenvalue may be returned fewer times than its multiplicity.
+    with A = ∇²L(θ) (default) or the curvature matrix named by ``curvature``. Thick-restart
+    Lanczos with full reorthogonalization (Lanczos 1950; Wu & Simon 2000), see
+    :func:`flatness.lanczos_eigsh`; replaces the power iteration with deflation of PyHessian
+    (Yao et al. 2020, arXiv 1912.07145). Memory: (2m + 1) vectors of n numbers, m = ``ncv`` =
+    max(2k + 1, 20). Like every single-vector Krylov method (ARPACK included), an exactly
+    repeated eigenvalue may be returned fewer times than its multiplicity.
 
     Args:
-        model, loss_fn, data: the objective (SPEC §0).
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
         k: how many eigenpairs, 1 ≤ k < n.
         which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
         tol: relative residual tolerance (> 0).
-        max_hvp: HVP budget (default 100·m); ``converged=False`` if it runs out.
+        max_hvp: product budget (default 100·m); ``converged=False`` if it runs out.
         ncv: Lanczos basis size m (k < m ≤ n).
         seed: seed of the starting vector.
+        v0: a starting vector instead (flat, or a dict like ``named_parameters()``), e.g. the
+            previous eigenvector when λ₁ is tracked during training.
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``
+            (see :mod:`flatness.operators`; the Fisher takes ``mc_samples``, ``likelihood``,
+            ``mc_seed`` among the options).
+        blocks: ``None``, or per-block spectra: ``"module"`` (one block per layer),
+            ``"parameter"``, or ``{block name: [parameter names]}``; then a :class:`BlockSpectra`
+            of one :class:`HessianTopK` per block (a block with at most ``ncv`` parameters is
+            solved densely, exactly, with one product per parameter).
         progress: ``True``, a callable ``(step, total, info)``, or False.
         **options: forwarded to :class:`flatness.Objective` (params, reduction, dtype, train,
-            batch_loss, max_batches, batch_size, hvp_mode, data_seed).
+            batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed).
 
     Returns:
-        :class:`HessianTopK`.
+        :class:`HessianTopK` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
-        ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``,
-            bad ``max_hvp`` / ``ncv`` and the objective's own checks.
+        ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
+            or ``curvature``, bad ``max_hvp`` / ``ncv`` / ``v0`` / ``blocks`` and the objective's
+            own checks.
     """
-    check_options(hessian_topk, options)
+    _check(hessian_topk, curvature, options)
     check_which(which)
     check_positive("tol", tol)
     check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
+    check_positive("k", k, integer=True)
     with model_guard(model):
-        op = _operator(model, loss_fn, data, options)
-        obj = op.objective
-        res = lanczos_eigsh(
-            op.matvec,
-            obj.n,
-            k,
-            which=which,
-            tol=tol,
-            ncv=ncv,
-            max_matvec=max_hvp,
-            seed=seed,
-            device=obj.device,
-            dtype=obj.dtype,
-            progress=progress,
-        )
-        return HessianTopK(
-            eigenvalues=res.eigenvalues,
-            eigenvectors=res.eigenvectors,
-            residuals=res.residuals,
-            n_hvp=res.n_matvec,
-            converged=res.converged,
-            n_restarts=res.n_restarts,
-            which=which,
-            k=k,
-            tol=float(tol),
-            ncv=res.ncv,
-            names=tuple(obj.names),
-            shapes=tuple(tuple(s) for s in obj.shapes),
-        )
+        op = build_operator(model, loss_fn, data, curvature, options)
+
+        def solve(o: CurvatureOperator) -> HessianTopK:
+            n = o.shape[0]
+            if blocks is not None and n <= (ncv or default_ncv(k, 10**9)):
+                return _dense_topk(o, min(k, n), which, tol, ncv or default_ncv(k, n))
+            res = lanczos_eigsh(
+                o,
+                k=k,
+                which=which,
+                tol=tol,
+                ncv=ncv,
+                max_matvec=max_hvp,
+                v0=_start(o, v0) if blocks is None else None,
+                seed=seed,
+                progress=progress,
+            )
+            obj = o.objective
+            return HessianTopK(
+                **_fields(res),
+                names=tuple(obj.names),
+                shapes=tuple(tuple(s) for s in obj.shapes),
+                curvature=curvature,
+            )
+
+        if blocks is not None:
+            if v0 is not None:
+                raise TypeError(
+                    "v0: not supported with blocks= (each block starts from its own seeded vector)"
+                )
+            return _per_block(op, blocks, solve)
+        return solve(op)
 
 
 def hessian_trace(
@@ -201,52 +321,56 @@ def hessian_trace(
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     n_hvp: int = 100,
     seed: int = 0,
+    curvature: Curvature = "hessian",
+    blocks: Blocks = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianTrace:
-    """tr(∇²L(θ)) by Hutch++ or Hutchinson with Rademacher probes.
+) -> HessianTrace | BlockSpectra:
+    """tr(A) of the loss Hessian (or GGN, Fisher) by Hutch++ or Hutchinson with Rademacher probes.
 
-    .. math:: \\mathrm{tr}(H) \\approx \\mathrm{tr}(Q^\\top H Q)
-        + \\tfrac1l \\sum_i g_i^\\top (I-QQ^\\top) H (I-QQ^\\top) g_i
+    .. math:: \\mathrm{tr}(A) \\approx \\mathrm{tr}(Q^\\top A Q)
+        + \\tfrac1l \\sum_i g_i^\\top (I-QQ^\\top) A (I-QQ^\\top) g_i
 
     Hutch++: Meyer, Musco, Musco & Woodruff 2021, arXiv 2010.09649; Hutchinson 1989;
     PyHessian (Yao et al. 2020, arXiv 1912.07145) uses Hutchinson.
 
     Args:
-        model, loss_fn, data: the objective (SPEC §0).
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
-        n_hvp: the budget of HVPs (≥ 4 for Hutch++, ≥ 2 for Hutchinson).
+        n_hvp: the budget of products (≥ 4 for Hutch++, ≥ 2 for Hutchinson), per block with
+            ``blocks``.
         seed: seed of the probes.
+        curvature: the matrix, as in :func:`hessian_topk`.
+        blocks: per-block traces, as in :func:`hessian_topk`.
         progress: opt-in progress reporting.
         **options: forwarded to :class:`flatness.Objective`.
 
     Returns:
-        :class:`HessianTrace`.
+        :class:`HessianTrace` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
-        ValueError, TypeError: for an unknown method, a bad n_hvp, or the objective's checks.
+        ValueError, TypeError: for an unknown method, a bad n_hvp, or the objective's checks;
+            :class:`flatness.NonFiniteLossError` when the loss is not finite.
     """
-    check_options(hessian_trace, options)
-    if method not in METHODS:
-        raise ValueError(f"method: got {method!r}; expected one of {METHODS}")
+    _check(hessian_trace, curvature, options)
+    check_choice("method", method, METHODS)
     check_positive("n_hvp", n_hvp, integer=True)
+    least = 4 if method == "hutch++" else 2
+    if n_hvp < least:
+        raise ValueError(
+            f"n_hvp: got {n_hvp}; {method} needs at least {least} "
+            + ("(a sketch and ≥ 2 probes)" if method == "hutch++" else "probes for a standard error")
+        )
     with model_guard(model):
-        op = _operator(model, loss_fn, data, options)
-        obj = op.objective
-        try:
-            res = trace_estimate(
-                op.matvec,
-                obj.n,
-                method=method,
-                n_matvec=n_hvp,
-                seed=seed,
-                device=obj.device,
-                dtype=obj.dtype,
-                progress=progress,
-            )
-        except ValueError as e:
-            raise ValueError(str(e).replace("n_matvec", "n_hvp")) from None
-        return HessianTrace(res.estimate, res.std_error, res.n_matvec, method, res.n_probes, res.sketch_size)
+        op = build_operator(model, loss_fn, data, curvature, options)
+
+        def solve(o: CurvatureOperator) -> HessianTrace:
+            res = trace_estimate(o, method=method, n_matvec=n_hvp, seed=seed, progress=progress)
+            return HessianTrace(**_fields(res), curvature=curvature)
+
+        return _per_block(op, blocks, solve) if blocks is not None else solve(op)
 
 
 def hessian_density(
@@ -259,48 +383,59 @@ def hessian_density(
     sigma: float | None = None,
     grid: torch.Tensor | int = 1000,
     seed: int = 0,
+    curvature: Curvature = "hessian",
+    blocks: Blocks = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianDensity:
-    """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
+) -> HessianDensity | BlockSpectra:
+    """The eigenvalue density of the loss Hessian (or GGN, Fisher) by stochastic Lanczos quadrature.
 
     .. math:: \\phi(t) = \\frac1{n_v}\\sum_{r}\\sum_j \\tau^{(r)}_j g_\\sigma(t - \\lambda^{(r)}_j)
 
     Ghorbani, Krishnan & Xiao 2019 (arXiv 1901.10159); Lin, Saad & Yang 2016 (arXiv 1308.5467).
-    Cost: at most n_runs · n_steps HVPs; memory n_steps vectors of n numbers.
+    Cost: at most n_runs · n_steps products; memory n_steps vectors of n numbers. With
+    ``blocks``, one density per block — the block heterogeneity of Zhang et al. 2024, "Why
+    Transformers Need Adam: A Hessian Perspective", arXiv 2402.16788 (plot them side by side
+    with :func:`flatness.plot.plot_block_densities`).
 
     Args:
-        model, loss_fn, data: the objective (SPEC §0).
+        model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch mean loss (``None`` with ``batch_loss``).
+        data: a DataLoader, a list of batches or one batch.
         n_runs: random start vectors.
         n_steps: Lanczos steps per run.
         sigma: Gaussian width (default: 1/100 of the span of the nodes).
         grid: points (1-D tensor) or their number over [min node − 5σ, max node + 5σ].
         seed: seed of the start vectors.
+        curvature: the matrix, as in :func:`hessian_topk`.
+        blocks: per-block densities, as in :func:`hessian_topk`.
         progress: opt-in progress reporting.
         **options: forwarded to :class:`flatness.Objective`.
 
     Returns:
-        :class:`HessianDensity`.
+        :class:`HessianDensity` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
         ValueError, TypeError: for bad n_runs, n_steps, sigma, grid, or the objective's checks.
     """
-    check_options(hessian_density, options)
+    _check(hessian_density, curvature, options)
     with model_guard(model):
-        op = _operator(model, loss_fn, data, options)
-        obj = op.objective
-        res = slq_density(
-            op.matvec,
-            obj.n,
-            n_runs=n_runs,
-            n_steps=n_steps,
-            sigma=sigma,
-            grid=grid,
-            seed=seed,
-            device=obj.device,
-            dtype=obj.dtype,
-            progress=progress,
-        )
-        return HessianDensity(
-            res.grid, res.density, res.nodes, res.weights, res.n_matvec, res.sigma, res.n_runs, res.n_steps
-        )
+        op = build_operator(model, loss_fn, data, curvature, options)
+
+        def solve(o: CurvatureOperator) -> HessianDensity:
+            res = slq_density(
+                o, n_runs=n_runs, n_steps=n_steps, sigma=sigma, grid=grid, seed=seed, progress=progress
+            )
+            return HessianDensity(**_fields(res), curvature=curvature)
+
+        return _per_block(op, blocks, solve) if blocks is not None else solve(op)
+
+
+def _fields(res: Result) -> dict[str, Any]:
+    return {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+
+
+def _check(fn: Callable[..., Any], curvature: Any, options: dict[str, Any]) -> None:
+    check_choice("curvature", curvature, CURVATURES)
+    rest, _own = split_options(curvature, options)
+    check_options(fn, rest)

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 
 from flatness._progress import Progress, ProgressArg
-from flatness.objective import check_positive
+from flatness._validate import check_positive
+from flatness.algorithms._linalg import as_operator, generator
+from flatness.algorithms.lanczos import lanczos_tridiagonal
 from flatness.results import Result
-from flatness.spectrum._base import Matvec, apply, check_operator, generator, rademacher
 
 __all__ = ["DensityResult", "slq_density"]
 
@@ -53,34 +55,9 @@ class DensityResult(Result):
     n_steps: int
 
 
-def _lanczos_tridiagonal(
-    matvec: Matvec, v: torch.Tensor, steps: int, n: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """m Lanczos steps with full reorthogonalization from unit v: (α, β, matvecs)."""
-    eps = torch.finfo(v.dtype).eps
-    V = torch.empty(steps, n, device=v.device, dtype=v.dtype)
-    V[0] = v
-    alpha, beta = [], []
-    used = 0
-    for j in range(steps):
-        w = apply(matvec, V[j], n)
-        used += 1
-        a = torch.dot(V[j], w)
-        w = w - a * V[j] - (beta[-1] * V[j - 1] if j > 0 else 0)
-        for _ in range(2):
-            w = w - V[: j + 1].T @ (V[: j + 1] @ w)
-        alpha.append(float(a))
-        b = float(w.norm())
-        if j == steps - 1 or b <= eps**0.75 * max(abs(x) for x in [*alpha, 1e-300]):
-            break
-        beta.append(b)
-        V[j + 1] = w / b
-    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64), used
-
-
 def slq_density(
-    matvec: Matvec,
-    n: int,
+    A: Any,
+    n: int | None = None,
     *,
     n_runs: int = 10,
     n_steps: int = 80,
@@ -101,15 +78,16 @@ def slq_density(
     Memory: n_steps vectors of n numbers (full reorthogonalization).
 
     Args:
-        matvec: ``matvec(v) -> H v``; H symmetric, size n.
-        n: size of H.
+        A: the symmetric operator H (any form :func:`flatness.algorithms.as_operator` takes).
+        n: size of H, for a plain ``matvec`` callable.
         n_runs: random start vectors n_v (Rademacher / √n).
         n_steps: Lanczos steps m per run (capped at n); cost n_runs · m matvecs at most.
         sigma: Gaussian width; default (λ_max − λ_min)/100 of the nodes (or 1e-3·max|λ| if 0).
         grid: the points t (a 1-D tensor), or how many points to spread over
             [min λ − 5σ, max λ + 5σ].
         seed: seed of the local generator.
-        device, dtype: of the vectors (default CPU, float64).
+        device: of the vectors (default: the operator's; CPU, float64 for callables).
+        dtype: as ``device``.
         progress: opt-in progress reporting.
 
     Returns:
@@ -118,7 +96,8 @@ def slq_density(
     Raises:
         ValueError, TypeError: for non-positive n_runs / n_steps / sigma, or a bad grid.
     """
-    device, dtype = check_operator(matvec, n, device, dtype)
+    op = as_operator(A, n, device=device, dtype=dtype)
+    n = op.n
     check_positive("n_runs", n_runs, integer=True)
     check_positive("n_steps", n_steps, integer=True)
     check_positive("sigma", sigma, allow_none=True)
@@ -135,8 +114,8 @@ def slq_density(
     bar = Progress(progress, total=n_runs, desc="slq")
     try:
         for r in range(n_runs):
-            v = rademacher(gen, (n,), device, dtype) / math.sqrt(n)
-            alpha, beta, mv = _lanczos_tridiagonal(matvec, v, steps, n)
+            v = op.space.rademacher(gen) / math.sqrt(n)
+            alpha, beta, mv = lanczos_tridiagonal(op, v, steps)
             used += mv
             T = torch.diag(alpha)
             if len(beta):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from flatness._progress import Progress, ProgressArg
-from flatness.objective import check_positive
+from flatness._validate import check_choice, check_positive
+from flatness.algorithms._linalg import Operator, as_operator, generator
 from flatness.results import Result
-from flatness.spectrum._base import Matvec, apply, check_operator, generator, rademacher
 
 __all__ = ["TraceResult", "hutchinson", "hutchpp", "trace_estimate"]
 
@@ -47,10 +47,10 @@ class TraceResult(Result):
     sketch_size: int
 
 
-def _quad_forms(matvec: Matvec, Z: torch.Tensor, n: int, bar: Progress) -> torch.Tensor:
+def _quad_forms(op: Operator, Z: torch.Tensor, bar: Progress) -> torch.Tensor:
     out = []
     for z in Z:
-        out.append(torch.dot(z, apply(matvec, z, n)))
+        out.append(op.space.dot(z, op.matvec(z)))
         bar.update(1)
     return torch.stack(out).double().cpu()
 
@@ -62,8 +62,8 @@ def _stats(samples: torch.Tensor) -> tuple[float, float]:
 
 
 def hutchinson(
-    matvec: Matvec,
-    n: int,
+    A: Any,
+    n: int | None = None,
     *,
     n_matvec: int,
     seed: int = 0,
@@ -79,11 +79,12 @@ def hutchinson(
     Hutchinson 1989 (Commun. Stat. Simul. Comput. 18(3)).
 
     Args:
-        matvec: ``matvec(v) -> H v``; H symmetric, size n.
-        n: size of H.
+        A: the symmetric operator H (any form :func:`flatness.algorithms.as_operator` takes).
+        n: size of H, for a plain ``matvec`` callable.
         n_matvec: number of probes m ≥ 2 (one matvec each).
         seed: seed of the local generator.
-        device, dtype: of the probes (default CPU, float64).
+        device: of the probes (default: the operator's; CPU, float64 for callables).
+        dtype: as ``device``.
         progress: opt-in progress reporting.
 
     Returns:
@@ -92,23 +93,23 @@ def hutchinson(
     Raises:
         ValueError, TypeError: for n_matvec < 2 or bad arguments.
     """
-    device, dtype = check_operator(matvec, n, device, dtype)
+    op = as_operator(A, n, device=device, dtype=dtype)
     check_positive("n_matvec", n_matvec, integer=True)
     if n_matvec < 2:
         raise ValueError(f"n_matvec: got {n_matvec}; Hutchinson needs ≥ 2 probes for a standard error")
     gen = generator(seed)
-    Z = rademacher(gen, (n_matvec, n), device, dtype)
+    Z = op.space.rademacher(gen, n_matvec)
     bar = Progress(progress, total=n_matvec, desc="hutchinson")
     try:
-        mean, se = _stats(_quad_forms(matvec, Z, n, bar))
+        mean, se = _stats(_quad_forms(op, Z, bar))
     finally:
         bar.close()
     return TraceResult(mean, se, n_matvec, "hutchinson", n_matvec, 0)
 
 
 def hutchpp(
-    matvec: Matvec,
-    n: int,
+    A: Any,
+    n: int | None = None,
     *,
     n_matvec: int,
     seed: int = 0,
@@ -127,10 +128,13 @@ def hutchpp(
     Meyer, Musco, Musco & Woodruff 2021, arXiv 2010.09649 (Algorithm 1).
 
     Args:
-        matvec: ``matvec(v) -> H v``; H symmetric, size n.
-        n: size of H.
+        A: the symmetric operator H (any form :func:`flatness.algorithms.as_operator` takes).
+        n: size of H, for a plain ``matvec`` callable.
         n_matvec: total budget m ≥ 4 (2s for the sketch, l ≥ 2 for the residual).
-        seed, device, dtype, progress: as in :func:`hutchinson`.
+        seed: as in :func:`hutchinson`.
+        device: as ``seed``.
+        dtype: as ``seed``.
+        progress: as ``seed``.
 
     Returns:
         :class:`TraceResult`; std_error is that of the Hutchinson part given Q.
@@ -138,7 +142,9 @@ def hutchpp(
     Raises:
         ValueError, TypeError: for n_matvec < 4 or bad arguments.
     """
-    device, dtype = check_operator(matvec, n, device, dtype)
+    op = as_operator(A, n, device=device, dtype=dtype)
+    space = op.space
+    n = op.n
     check_positive("n_matvec", n_matvec, integer=True)
     if n_matvec < 4:
         raise ValueError(f"n_matvec: got {n_matvec}; Hutch++ needs ≥ 4 (a sketch and ≥ 2 probes)")
@@ -147,22 +153,22 @@ def hutchpp(
     l = n_matvec - 2 * s
     bar = Progress(progress, total=n_matvec, desc="hutch++")
     try:
-        S = rademacher(gen, (s, n), device, dtype)
-        HS = torch.stack([apply(matvec, x, n) for x in S])
+        S = space.rademacher(gen, s)
+        HS = torch.stack([op.matvec(x) for x in S])
         bar.update(s)
-        Q = torch.linalg.qr(HS.T).Q.T  # (s, n) orthonormal rows
-        low = float(_quad_forms(matvec, Q, n, bar).sum())
-        G = rademacher(gen, (l, n), device, dtype)
-        G = G - (G @ Q.T) @ Q
-        mean, se = _stats(_quad_forms(matvec, G, n, bar))
+        Q = space.orthonormalize(HS)  # (s, n) orthonormal rows
+        low = float(_quad_forms(op, Q, bar).sum())
+        G = space.rademacher(gen, l)
+        G = G - space.gram(G, Q) @ Q
+        mean, se = _stats(_quad_forms(op, G, bar))
     finally:
         bar.close()
     return TraceResult(low + mean, se, n_matvec, "hutch++", l, s)
 
 
 def trace_estimate(
-    matvec: Matvec,
-    n: int,
+    A: Any,
+    n: int | None = None,
     *,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     n_matvec: int,
@@ -172,7 +178,6 @@ def trace_estimate(
     progress: ProgressArg = False,
 ) -> TraceResult:
     """tr(H) by ``method`` (``"hutch++"`` or ``"hutchinson"``); see :func:`hutchpp`, :func:`hutchinson`."""
-    if method not in METHODS:
-        raise ValueError(f"method: got {method!r}; expected one of {METHODS}")
+    check_choice("method", method, METHODS)
     fn = hutchpp if method == "hutch++" else hutchinson
-    return fn(matvec, n, n_matvec=n_matvec, seed=seed, device=device, dtype=dtype, progress=progress)
+    return fn(A, n, n_matvec=n_matvec, seed=seed, device=device, dtype=dtype, progress=progress)

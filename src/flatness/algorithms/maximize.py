@@ -100,12 +100,14 @@ def maximize_box(
 
     Args:
         f_and_grad: ``f_and_grad(x) -> (f(x), ∇f(x))`` for a float64 vector ``x``.
-        lower, upper: the box (``lower[i] == upper[i]`` fixes a coordinate).
+        lower: the box (``lower[i] == upper[i]`` fixes a coordinate).
+        upper: as ``lower``.
         x0: the start, clipped into the box.
         max_iter: L-BFGS-B iterations (each takes one or more evaluations).
         max_evals: hard cap on evaluations (scipy's own ``maxfun`` lets a line search run
             past it); default: none.
-        ftol, gtol: scipy's stopping tolerances (relative decrease, projected gradient).
+        ftol: scipy's stopping tolerances (relative decrease, projected gradient).
+        gtol: as ``ftol``.
         memory: number of L-BFGS correction pairs.
 
     Returns:

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from flatness._progress import Progress, ProgressArg
-from flatness.objective import check_positive
+from flatness._validate import check_choice, check_positive
+from flatness.algorithms._linalg import Operator, VectorSpace, as_operator, generator
 from flatness.results import Result
-from flatness.spectrum._base import Matvec, apply, check_operator, generator, randn
 
-__all__ = ["LanczosResult", "lanczos_eigsh"]
+__all__ = ["LanczosResult", "lanczos_eigsh", "lanczos_step", "lanczos_tridiagonal"]
 
 Which = Literal["largest", "smallest", "magnitude"]
 WHICH = ("largest", "smallest", "magnitude")
@@ -74,13 +74,47 @@ def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def check_which(which: str) -> None:
-    if which not in WHICH:
-        raise ValueError(f"which: got {which!r}; expected one of {WHICH}")
+    check_choice("which", which, WHICH)
+
+
+def lanczos_step(
+    op: Operator, V: torch.Tensor, j: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One Lanczos step with full reorthogonalization: the new direction after v_j.
+
+    .. math:: w = A v_j,\\quad h = V_{0:j}^\\top w,\\quad r = w - V_{0:j} h,\\quad \\beta = \\|r\\|
+
+    Classical Gram–Schmidt applied twice ("twice is enough", Giraud et al. 2005), so the basis
+    stays orthonormal to working precision. Shared by the thick-restart eigensolver and by the
+    tridiagonalization of stochastic Lanczos quadrature.
+
+    Returns:
+        ``(w, h, r, beta)`` with w = A v_j, h the coefficients of w in v_0..v_j (float64, CPU),
+        r the residual direction (not normalized) and β = ‖r‖.
+
+    Raises:
+        ValueError: when the product is not finite.
+    """
+    space = op.space
+    w = op.matvec(V[j])
+    basis = V[: j + 1]
+    h = space.coeffs(basis, w)
+    r = w - basis.T @ h
+    h2 = space.coeffs(basis, r)
+    r = r - basis.T @ h2
+    h = (h + h2).double().cpu()
+    beta = space.norm(r)
+    if not (math.isfinite(beta) and bool(torch.isfinite(h).all())):
+        raise ValueError(
+            f"matvec: the product with Lanczos vector {j} is not finite (NaN or inf); the operator "
+            "overflowed or is not defined there (for a model: check the loss and its scale)"
+        )
+    return w, h, r, beta
 
 
 def lanczos_eigsh(
-    matvec: Matvec,
-    n: int,
+    A: Any,
+    n: int | None = None,
     k: int = 1,
     *,
     which: Which = "largest",
@@ -108,8 +142,10 @@ def lanczos_eigsh(
     Krylov space. Memory: (2m + 1) vectors of n numbers on ``device``.
 
     Args:
-        matvec: ``matvec(v) -> H v`` for a flat tensor v of size n; H must be symmetric.
-        n: the size of H.
+        A: the symmetric operator: a linear operator (``matvec``, ``shape``, ``dtype``,
+            ``device``), a square tensor / array, a scipy ``LinearOperator``, or a callable
+            ``matvec(v) -> H v`` with ``n`` (see :func:`flatness.algorithms.as_operator`).
+        n: the size of H (only for a plain callable).
         k: how many eigenpairs, 1 ≤ k < n.
         which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"magnitude"`` (largest |λ|).
         tol: relative residual tolerance, > 0.
@@ -117,7 +153,9 @@ def lanczos_eigsh(
         max_matvec: stop after this many products (``converged=False``); default 100·m.
         v0: starting vector (default: seeded Gaussian).
         seed: seed of the local generator for the start (and any breakdown) vector.
-        device, dtype: where and in which precision the vectors live (default CPU, float64).
+        device: where and in which precision the vectors live (default: the operator's;
+            CPU and float64 for callables and arrays).
+        dtype: as ``device``.
         progress: ``True`` for a progress line, a callable ``(step, total, info)``, or False.
 
     Returns:
@@ -128,7 +166,10 @@ def lanczos_eigsh(
         ValueError, TypeError: for k outside [1, n), tol ≤ 0, unknown ``which``, bad ncv /
             max_matvec / v0, or a matvec returning the wrong size.
     """
-    device, dtype = check_operator(matvec, n, device, dtype)
+    op = as_operator(A, n, device=device, dtype=dtype)
+    space = op.space
+    n = op.n
+    device, dtype = space.device, space.dtype
     check_positive("k", k, integer=True)
     if k >= n:
         raise ValueError(f"k: got {k}; expected 1 ≤ k < n = {n} (for all eigenvalues use a dense eigh)")
@@ -145,19 +186,19 @@ def lanczos_eigsh(
     budget = 100 * m if max_matvec is None else max_matvec
     gen = generator(seed)
     if v0 is None:
-        start = randn(gen, (n,), device, dtype)
+        start = space.randn(gen)
     else:
-        if not isinstance(v0, torch.Tensor) or v0.numel() != n:
-            raise ValueError(f"v0: expected a tensor of {n} numbers, got {v0!r:.60}")
+        if not isinstance(v0, torch.Tensor) or v0.numel() != space.n_local:
+            raise ValueError(f"v0: expected a tensor of {space.n_local} numbers, got {v0!r:.60}")
         start = v0.detach().reshape(-1).to(device=device, dtype=dtype)
-    norm0 = float(start.norm())
+    norm0 = space.norm(start)
     if not norm0 > 0 or not math.isfinite(norm0):
         raise ValueError("v0: the starting vector must be finite and nonzero")
 
     eps = torch.finfo(dtype).eps
     keep = min(k + (m - k) // 2, m - 1)
-    V = torch.empty(m + 1, n, device=device, dtype=dtype)
-    W = torch.empty(m, n, device=device, dtype=dtype)
+    V = space.empty(m + 1)
+    W = space.empty(m)
     # C[:, i] holds the coordinates of H v_i in the basis v_0..v_{i+1}; float64 on the CPU.
     C = torch.zeros(m + 1, m, dtype=torch.float64)
     V[0] = start / norm0
@@ -168,16 +209,9 @@ def lanczos_eigsh(
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     try:
         while True:
-            w = apply(matvec, V[j], n)
+            w, h, r, beta = lanczos_step(op, V, j)
             n_mv += 1
             W[j] = w
-            basis = V[: j + 1]
-            h = basis @ w
-            r = w - basis.T @ h
-            h2 = basis @ r
-            r = r - basis.T @ h2
-            h = (h + h2).double().cpu()
-            beta = float(r.norm())
             C[: j + 1, j] = h
             C[j + 1, j] = beta
             j += 1
@@ -200,7 +234,7 @@ def lanczos_eigsh(
             # small Krylov space can hold a converged pair that is not the extreme one.
             ready = j >= k and (n_mv >= m or invariant)
             if ready and (bool((est <= thresh).all()) or invariant or n_mv >= budget):
-                vals, vecs, res = _ritz(V[:j], W[:j], theta[want], S[:, want], device, dtype)
+                vals, vecs, res = _ritz(space, V[:j], W[:j], theta[want], S[:, want])
                 best = (vals, vecs, res)
                 ok = bool((res.double().cpu() <= thresh).all())
                 if ok or n_mv >= budget or j == n:
@@ -211,10 +245,10 @@ def lanczos_eigsh(
             if invariant:
                 # An invariant subspace: continue from a fresh direction orthogonal to V.
                 C[j, j - 1] = 0.0
-                r = randn(gen, (n,), device, dtype)
+                r = space.randn(gen)
                 for _ in range(2):
-                    r = r - V[:j].T @ (V[:j] @ r)
-                beta = float(r.norm())
+                    r = r - V[:j].T @ space.coeffs(V[:j], r)
+                beta = space.norm(r)
             V[j] = r / beta
 
             if j == m:
@@ -234,7 +268,7 @@ def lanczos_eigsh(
         bar.close()
 
     if best is None:  # the budget ran out before k Ritz pairs existed
-        vals, vecs, res = _ritz(V[:j], W[:j], theta[want], S[:, want], device, dtype)
+        vals, vecs, res = _ritz(space, V[:j], W[:j], theta[want], S[:, want])
     else:
         vals, vecs, res = best
     thresh = tol * torch.clamp(vals.double().cpu().abs(), min=eps ** (1 / 3) * scale)
@@ -253,20 +287,43 @@ def lanczos_eigsh(
 
 
 def _ritz(
-    V: torch.Tensor,
-    W: torch.Tensor,
-    theta: torch.Tensor,
-    S: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype,
+    space: VectorSpace, V: torch.Tensor, W: torch.Tensor, theta: torch.Tensor, S: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ritz vectors y = Vᵀs (normalized) and their true residuals ‖(H V)ᵀ s − θ y‖."""
-    St = S.to(device=device, dtype=dtype)
+    St = S.to(device=space.device, dtype=space.dtype)
     Y = St.T @ V
     HY = St.T @ W
-    norms = Y.norm(dim=1, keepdim=True)
+    norms = torch.sqrt(torch.diagonal(space.gram(Y, Y)).clamp_min(0))[:, None]
     Y = Y / norms
     HY = HY / norms
-    vals = theta.to(device=device, dtype=dtype)
-    res = (HY - vals[:, None] * Y).norm(dim=1)
+    vals = theta.to(device=space.device, dtype=space.dtype)
+    R = HY - vals[:, None] * Y
+    res = torch.sqrt(torch.diagonal(space.gram(R, R)).clamp_min(0))
     return vals, Y, res
+
+
+def lanczos_tridiagonal(op: Operator, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``steps`` Lanczos steps from the unit vector v: the tridiagonal T as (α, β), and matvecs.
+
+    .. math:: A V_m = V_m T_m + \\beta_m v_{m+1} e_m^\\top,\\quad
+        T_m = \\mathrm{tridiag}(\\beta_{1:m-1}, \\alpha_{1:m}, \\beta_{1:m-1})
+
+    Stops early when the Krylov space becomes invariant (β ≤ ε^¾ · max|α|). Memory: ``steps``
+    vectors (full reorthogonalization, :func:`lanczos_step`).
+    """
+    space = op.space
+    eps = torch.finfo(space.dtype).eps
+    V = space.empty(steps)
+    V[0] = v
+    alpha: list[float] = []
+    beta: list[float] = []
+    used = 0
+    for j in range(steps):
+        _w, h, r, b = lanczos_step(op, V, j)
+        used += 1
+        alpha.append(float(h[j]))
+        if j == steps - 1 or b <= eps**0.75 * max(abs(x) for x in [*alpha, 1e-300]):
+            break
+        beta.append(b)
+        V[j + 1] = r / b
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64), used
