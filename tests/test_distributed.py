@@ -55,6 +55,8 @@ def compute(model, data, what):
     out["loss"], out["grad"] = obj.loss_and_grad()
     v = torch.linspace(-1, 1, obj.n, dtype=torch.float64)
     out["hvp"] = obj.hvp(v)
+    for curvature in ("ggn", "fisher", "empirical_fisher"):
+        out[curvature] = flatness.curvature_operator(model, F.cross_entropy, data, curvature=curvature) @ v
     if "spectra" in what:
         out["topk"] = flatness.hessian_topk(model, F.cross_entropy, data, k=3, tol=1e-8).eigenvalues
         out["trace"] = torch.as_tensor(

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatness import _dist
 from flatness._validate import check_choice, check_positive, check_seed
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
@@ -65,10 +66,10 @@ class FisherOperator(CurvatureOperator):
     both cases F equals the GGN exactly (Martens 2020, arXiv 1412.1193, §9.2).
 
     ``mc_samples=None`` (default) gives that exact F. ``mc_samples=S`` gives the Monte-Carlo
-    Fisher: S labels ŷ per prediction drawn from p(y|z) (seeded by ``mc_seed`` and the batch's
-    position, so every product uses the same draws and the operator is a fixed symmetric
-    matrix), unbiased for F; its cost is that of a GGN product. Unlike the empirical Fisher it
-    uses sampled labels, not the data's (Kunstner et al. 2019, arXiv 1905.12558).
+    Fisher: S labels ŷ per prediction drawn from p(y|z), seeded by ``mc_seed``, the batch's
+    position and the rank under torch.distributed, so that every product uses the same draws and
+    the operator is a fixed symmetric matrix; unbiased for F, at the cost of a GGN product. Unlike
+    the empirical Fisher it uses sampled labels, not the data's (Kunstner et al. 2019, arXiv 1905.12558).
 
     Args (besides the objective's):
         mc_samples: ``None`` for the exact Fisher, or labels drawn per prediction (int ≥ 1).
@@ -156,7 +157,9 @@ class FisherOperator(CurvatureOperator):
         """(S, rows, values): ∇_z −log p(ŷ_s|z) per prediction for S seeded label draws."""
         S = self.mc_samples
         assert S is not None
-        seed = int(np.random.SeedSequence([self.mc_seed, index]).generate_state(1)[0])
+        # the rank too: shards of the data on different ranks draw independent labels
+        rank = _dist.rank_and_world(self.objective._group)[0]
+        seed = int(np.random.SeedSequence([self.mc_seed, rank, index]).generate_state(1)[0])
         gen = torch.Generator().manual_seed(seed)
         if p is None:  # Gaussian: ∇ = (z − ŷ)/σ² with ŷ ~ N(z, σ²): a standard normal vector
             shape = _rows(z, self.likelihood).shape
