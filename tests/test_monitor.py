@@ -80,3 +80,136 @@ def test_monitor_bad_input():
         Monitor(F.cross_entropy, [], measures=["loss"], options={"trace": {}})
     with pytest.raises(TypeError, match="callable"):
         Monitor(F.cross_entropy, [], measures={"x": 3})
+
+
+def _model_and_data():
+    x, y = classification_data(20, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return model, [(x[:12], y[:12]), (x[12:], y[12:])]
+
+
+def bias_norm(model):
+    return model[-1].bias.norm()
+
+
+def test_builtin_and_custom_measures_mix():
+    model, data = _model_and_data()
+    as_mapping = Monitor(F.cross_entropy, data, every=1, measures={"loss": "loss", "b": bias_norm})
+    as_list = Monitor(F.cross_entropy, data, every=1, measures=["loss", {"b": bias_norm}])
+    renamed = Monitor(F.cross_entropy, data, every=1, measures={"probe_loss": "loss"})
+    a, b, c = as_mapping.step(model), as_list.step(model), renamed.step(model)
+    assert list(as_mapping.measures) == list(as_list.measures) == ["loss", "b"]
+    assert (
+        a["loss"]
+        == b["loss"]
+        == c["probe_loss"]
+        == pytest.approx(
+            float(
+                F.cross_entropy(
+                    model(torch.cat([d[0] for d in data])), torch.cat([d[1] for d in data])
+                ).detach()
+            ),
+            rel=1e-12,
+        )
+    )
+    assert a["b"] == b["b"] == float(model[-1].bias.detach().norm())
+
+
+def test_measures_bad_input():
+    with pytest.raises(ValueError, match="unknown measure 'curvature'"):
+        Monitor(F.cross_entropy, [], measures={"c": "curvature"})
+    with pytest.raises(TypeError, match="measures: got 3 in the list"):
+        Monitor(F.cross_entropy, [], measures=["loss", 3])
+    with pytest.raises(ValueError, match="named twice"):
+        Monitor(F.cross_entropy, [], measures=["loss", {"loss": bias_norm}])
+    with pytest.raises(ValueError, match="reserved"):
+        Monitor(F.cross_entropy, [], measures={"step": bias_norm})
+    with pytest.raises(TypeError, match="measures: got a int"):
+        Monitor(F.cross_entropy, [], measures=5)
+    with pytest.raises(ValueError, match="got none"):
+        Monitor(F.cross_entropy, [], measures=[])
+    with pytest.raises(ValueError, match="custom measures"):
+        Monitor(F.cross_entropy, [], measures=["loss", {"b": bias_norm}], options={"b": {"tol": 1}})
+    for bad in (0, -1.0, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="learning_rate"):
+            Monitor(F.cross_entropy, [], learning_rate=bad)
+    with pytest.raises(ValueError, match="learning_rate: the callable returned"):
+        Monitor(F.cross_entropy, _model_and_data()[1], learning_rate=lambda: 0.0).step(_model_and_data()[0])
+    with pytest.raises(TypeError, match="progress"):
+        Monitor(F.cross_entropy, [], progress="yes")
+
+
+def dense_top_eigenvalue(model, data):
+    from conftest import dense_hessian_oracle
+
+    x = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
+    return float(torch.linalg.eigvalsh(dense_hessian_oracle(model, F.cross_entropy, x, y)[2])[-1])
+
+
+def test_warm_started_top_eigenvalue_is_exact_and_cheaper():
+    model, data = _model_and_data()
+    options = {"top_eigenvalue": {"tol": 1e-8}}
+    warm = Monitor(F.cross_entropy, data, every=1, measures=["top_eigenvalue"], options=options)
+    cold = Monitor(
+        F.cross_entropy, data, every=1, measures=["top_eigenvalue"], options=options, warm_start=False
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    warm_hvps, cold_hvps = [], []
+    for _ in range(4):
+        rw, rc = warm.step(model), cold.step(model)
+        exact = dense_top_eigenvalue(model, data)
+        assert rw["top_eigenvalue"] == pytest.approx(exact, rel=1e-9)
+        assert rc["top_eigenvalue"] == pytest.approx(exact, rel=1e-9)
+        warm_hvps.append(warm.last_results["top_eigenvalue"].n_hvp)
+        cold_hvps.append(cold.last_results["top_eigenvalue"].n_hvp)
+        opt.zero_grad()
+        sum(F.cross_entropy(model(x), y) for x, y in data).backward()
+        opt.step()
+    assert warm_hvps[0] == cold_hvps[0]  # the first record has nothing to start from
+    assert all(w < c for w, c in zip(warm_hvps[1:], cold_hvps[1:], strict=True)), (warm_hvps, cold_hvps)
+    assert warm.last_results["top_eigenvalue"].ncv == 8
+    assert cold.last_results["top_eigenvalue"].ncv == 20
+
+
+def test_warm_start_survives_an_eigenvalue_crossing():
+    """The previous vector is exactly orthogonal to the new top eigenvector: the random part finds it."""
+    from conftest import quadratic_problem
+
+    H1 = torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0] + [0.5] * 15, dtype=torch.float64))
+    H2 = torch.diag(torch.tensor([4.0, 6.0, 3.0, 2.0, 1.0] + [0.5] * 15, dtype=torch.float64))
+    model, loss_fn, data = quadratic_problem(H1)
+    monitor = Monitor(loss_fn, data, every=1, measures=["top_eigenvalue"], options={"*": {"tol": 1e-8}})
+    assert monitor.step(model)["top_eigenvalue"] == pytest.approx(5.0, rel=1e-9)
+    model.H.copy_(H2)  # the buffer defines the Hessian
+    assert monitor.step(model)["top_eigenvalue"] == pytest.approx(6.0, rel=1e-9)
+
+
+def test_learning_rate_column_progress_and_options():
+    model, data = _model_and_data()
+    lrs = iter([0.5, 0.25])
+    seen = []
+    monitor = Monitor(
+        F.cross_entropy,
+        data,
+        every=2,
+        measures=["loss"],
+        learning_rate=lambda: next(lrs),
+        progress=lambda n, total, row: seen.append((n, total, row)),
+    )
+    rows = [monitor.step(model) for _ in range(4)]
+    assert rows[1] is None and rows[3] is None
+    assert [r["two_over_lr"] for r in monitor.records] == [4.0, 8.0]
+    assert [(n, total, row["step"]) for n, total, row in seen] == [(1, None, 0), (2, None, 2)]
+    fixed = Monitor(F.cross_entropy, data, every=1, learning_rate=0.1)
+    assert fixed.step(model)["two_over_lr"] == pytest.approx(20.0)
+
+
+def test_progress_true_prints_a_line_per_record(capsys):
+    model, data = _model_and_data()
+    monitor = Monitor(F.cross_entropy, data, every=1, measures=["loss"], progress=True)
+    monitor.step(model)
+    monitor.step(model)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].startswith("monitor: record 2 step 1: loss=")

@@ -104,3 +104,29 @@ def test_import_without_matplotlib_is_lazy_and_clear():
         check=True,
     )
     assert lazy.stdout.strip() == "False"
+
+
+def test_plot_monitor_draws_records_and_the_edge():
+    from flatness import Monitor
+
+    model = make_mlp(0)
+    monitor = Monitor(ce, classification_data(), every=1, measures=["loss", "grad_norm"], learning_rate=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        monitor.step(model)
+        opt.zero_grad()
+        ce(model(classification_data()[0]), classification_data()[1]).backward()
+        opt.step()
+    ax = fplot.plot_monitor(monitor)
+    assert [line.get_label() for line in ax.lines] == ["loss", "grad_norm", "2/η"]
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [r["loss"] for r in monitor.records])
+    np.testing.assert_allclose(ax.lines[2].get_ydata(), [4.0] * 3)
+    one = monitor.plot("grad_norm", edge=False, log=True)
+    assert len(one.lines) == 1 and one.get_yscale() == "log" and one.get_ylabel() == "grad_norm"
+    assert len(fplot.plot_monitor(monitor.records, ["loss"]).lines) == 2
+    with pytest.raises(KeyError, match="sharpness"):
+        fplot.plot_monitor(monitor, ["sharpness"])
+    with pytest.raises(ValueError, match="got none"):
+        fplot.plot_monitor([])
+    plt.close("all")

@@ -11,12 +11,18 @@
 Every measure runs through flatness's model-level functions, which never write the model's
 parameters, buffers, flags, gradients or modes and restore the global RNG states. The optimizer is
 never seen. So a run with the monitor ends with bit-identical weights to a run without it.
+
+``top_eigenvalue`` records are warm-started: Lanczos starts from the previous record's top
+eigenvector (mixed with a seeded random vector), which moves little between records, so a
+record costs fewer Hessian-vector products than a cold start at the same tolerance.
+Lightning and Hugging Face callbacks built on this class live in :mod:`flatness.integrations`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,39 +36,46 @@ from flatness._guard import model_guard
 __all__ = ["BUILTIN_MEASURES", "Monitor"]
 
 Measure = Callable[[nn.Module], Any]
+MeasureSpec = str | Measure | Mapping[str, "str | Measure"]
+# Columns every row may carry besides the measures; no measure may take these names.
+RESERVED = ("step", "time_s", "two_over_lr", "epoch")
 
 
-def _loss(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> float:
+def _loss(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
     from flatness.objective import Objective
 
-    return float(Objective(model, loss_fn, data, **options).loss())
+    return float(Objective(model, loss_fn, data, **options).loss()), None
 
 
-def _grad_norm(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> float:
+def _grad_norm(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
     from flatness.objective import Objective
 
-    return float(Objective(model, loss_fn, data, **options).grad().norm())
+    return float(Objective(model, loss_fn, data, **options).grad().norm()), None
 
 
-def _sharpness(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> float:
+def _sharpness(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
     from flatness import sharpness
 
-    return float(sharpness(model, loss_fn, data, **options).value)
+    res = sharpness(model, loss_fn, data, **options)
+    return float(res.value), res
 
 
-def _top_eigenvalue(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> float:
+def _top_eigenvalue(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
     from flatness import hessian_topk
 
-    return float(hessian_topk(model, loss_fn, data, k=1, **options).eigenvalues[0])
+    res = hessian_topk(model, loss_fn, data, k=1, **options)
+    return float(res.eigenvalues[0]), res
 
 
-def _trace(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> float:
+def _trace(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
     from flatness import hessian_trace
 
-    return float(hessian_trace(model, loss_fn, data, **options).estimate)
+    res = hessian_trace(model, loss_fn, data, **options)
+    return float(res.estimate), res
 
 
-BUILTIN_MEASURES: dict[str, Callable[[nn.Module, Any, Any, dict[str, Any]], float]] = {
+# name -> fn(model, loss_fn, data, options) -> (value, full result or None)
+BUILTIN_MEASURES: dict[str, Callable[[nn.Module, Any, Any, dict[str, Any]], tuple[float, Any]]] = {
     "loss": _loss,
     "grad_norm": _grad_norm,
     "sharpness": _sharpness,
@@ -70,9 +83,87 @@ BUILTIN_MEASURES: dict[str, Callable[[nn.Module, Any, Any, dict[str, Any]], floa
     "trace": _trace,
 }
 
+# Weight of the random part of a warm start (relative to the unit previous eigenvector): it
+# keeps every eigendirection in the Krylov space (the previous vector alone can be almost
+# orthogonal to a new top eigenvector after a crossing) at the cost of a few products.
+WARM_MIX = 0.1
+# Lanczos basis size of warm-started records (unless options give ncv): Lanczos accepts a pair
+# only once a full basis is built, so a warm start could not stop before 20 products with the
+# default basis; 8 measured best on benchmarks/bench_monitor_warmstart.py.
+WARM_NCV = 8
+
+
+def _parse_measures(measures: Any) -> dict[str, Measure | str]:
+    """{column name: built-in name or callable(model)} from names, mappings or a list of both."""
+    if isinstance(measures, (str, Mapping)):
+        items: list[Any] = [measures]
+    elif isinstance(measures, (list, tuple)):
+        items = list(measures)
+    else:
+        raise TypeError(
+            f"measures: got a {type(measures).__name__}; expected built-in names, a mapping "
+            "name -> built-in name or callable(model), or a list of both"
+        )
+    chosen: dict[str, Measure | str] = {}
+
+    def add(name: Any, spec: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"measures: a measure name must be a non-empty str, got {name!r}")
+        if name in chosen:
+            raise ValueError(f"measures: {name!r} is named twice; give each measure its own name")
+        if name in RESERVED:
+            raise ValueError(f"measures: {name!r} is a reserved column {RESERVED}; choose another name")
+        if isinstance(spec, str):
+            if spec not in BUILTIN_MEASURES:
+                raise ValueError(
+                    f"measures: unknown measure {spec!r}; built-ins are {sorted(BUILTIN_MEASURES)}, "
+                    "or map a name to a callable(model)"
+                )
+        elif not callable(spec):
+            raise TypeError(
+                f"measures: {name!r} maps to {spec!r}; expected a built-in name "
+                f"{sorted(BUILTIN_MEASURES)} or a callable(model) returning a number"
+            )
+        chosen[name] = spec
+
+    for item in items:
+        if isinstance(item, str):
+            add(item, item)
+        elif isinstance(item, Mapping):
+            for name, spec in item.items():
+                add(name, spec)
+        else:
+            raise TypeError(
+                f"measures: got {item!r} in the list; expected a built-in name or a mapping "
+                "name -> built-in name or callable(model)"
+            )
+    if not chosen:
+        raise ValueError("measures: got none; name at least one measure")
+    return chosen
+
+
+def _check_learning_rate(learning_rate: Any) -> None:
+    if learning_rate is None or callable(learning_rate):
+        return
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or not learning_rate > 0
+        or learning_rate == float("inf")
+    ):
+        raise ValueError(
+            f"learning_rate: got {learning_rate!r}; expected a positive number, a callable() -> "
+            "number (for schedules) or None"
+        )
+
 
 class Monitor:
     """Records chosen measures every ``every`` steps into a list of rows (JSON / CSV).
+
+    Each row is ``{"step", <measures>, "time_s"}`` (plus ``"two_over_lr"`` with a learning
+    rate). ``top_eigenvalue`` records start Lanczos from the previous record's eigenvector
+    (``warm_start``); 2/η beside λ₁ shows the edge of stability of gradient descent with step
+    size η (Cohen et al. 2021, arXiv 2103.00065: λ₁ rises to 2/η and hovers there).
 
     Args:
         loss_fn: the loss, as for every flatness function (``None`` with ``batch_loss`` in
@@ -80,15 +171,31 @@ class Monitor:
         data: the data the measures are computed on (a held-out or training subset; a fixed
             list of batches is cheapest).
         every: record when the step counter is a multiple of ``every``.
-        measures: names of built-in measures (``"loss"``, ``"grad_norm"``, ``"sharpness"``,
-            ``"top_eigenvalue"``, ``"trace"``) and/or a mapping name → ``callable(model)``
-            returning a number.
-        options: per built-in measure, keyword options for its function, e.g.
+        measures: built-in names (``"loss"``, ``"grad_norm"``, ``"sharpness"``,
+            ``"top_eigenvalue"``, ``"trace"``), a mapping column name → built-in name or
+            ``callable(model)`` returning a number, or a list mixing both, e.g.
+            ``["loss", {"weight_norm": fn}]`` or ``{"loss": "loss", "weight_norm": fn}``.
+        options: per measure (by column name), keyword options for its function, e.g.
             ``{"sharpness": {"epsilon": 5e-4}, "trace": {"n_hvp": 30}}``; the key ``"*"``
-            applies to all (e.g. ``{"*": {"max_batches": 4}}``).
+            applies to all built-ins (e.g. ``{"*": {"max_batches": 4}}``).
+        learning_rate: η, a number or a ``callable() -> number`` read at each record (for
+            schedules); each row then holds ``two_over_lr`` = 2/η. For plain gradient descent
+            (no momentum) λ₁ > 2/η makes the step unstable along the top eigenvector.
+        warm_start: start each ``top_eigenvalue`` record's Lanczos from the previous record's
+            eigenvector plus a seeded random vector of relative weight 0.1, with a Lanczos
+            basis of 8 vectors unless ``options`` give ``ncv`` (cold starts when False, or
+            when ``options`` give ``v0``).
+        progress: ``True`` prints a line per record to stderr; a callable receives
+            ``(number of records, None, row)`` after each record.
+
+    Attributes:
+        records: the rows, oldest first.
+        last_results: the full result of the latest record of each built-in measure that has
+            one (``sharpness``, ``top_eigenvalue``, ``trace``), e.g. ``n_hvp`` and residuals.
 
     Raises:
-        ValueError: unknown measure names, ``every`` < 1, empty ``measures``.
+        ValueError, TypeError: unknown measure names, a name given twice, ``every`` < 1, empty
+            ``measures``, ``options`` keys naming no measure, a bad ``learning_rate``.
     """
 
     def __init__(
@@ -97,52 +204,96 @@ class Monitor:
         data: Any,
         *,
         every: int = 100,
-        measures: Sequence[str] | Mapping[str, Measure] = ("loss",),
+        measures: MeasureSpec | Sequence[MeasureSpec] = ("loss",),
         options: Mapping[str, Mapping[str, Any]] | None = None,
+        learning_rate: float | Callable[[], float] | None = None,
+        warm_start: bool = True,
+        progress: bool | Callable[[int, int | None, dict[str, Any]], None] = False,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: got {every!r}; expected an int >= 1")
-        if isinstance(measures, str):
-            measures = [measures]
-        chosen: dict[str, Measure | str] = {}
-        if isinstance(measures, Mapping):
-            for name, fn in measures.items():
-                if not callable(fn):
-                    raise TypeError(f"measures: {name!r} maps to {fn!r}; expected a callable(model)")
-                chosen[str(name)] = fn
-        else:
-            for name in measures:
-                if name not in BUILTIN_MEASURES:
-                    raise ValueError(
-                        f"measures: unknown measure {name!r}; built-ins are {sorted(BUILTIN_MEASURES)}, "
-                        "or pass a mapping name -> callable(model)"
-                    )
-                chosen[name] = name
-        if not chosen:
-            raise ValueError("measures: got none; name at least one measure")
-        options = dict(options or {})
+        chosen = _parse_measures(measures)
+        if not isinstance(options, (Mapping, type(None))):
+            raise TypeError(f"options: expected a mapping measure name -> dict of options, got {options!r}")
+        options = {k: dict(v) for k, v in (options or {}).items()}
         unknown = [k for k in options if k != "*" and k not in chosen]
         if unknown:
             raise ValueError(f"options: keys {unknown} name no chosen measure; chosen are {list(chosen)}")
+        custom_options = [k for k in options if k != "*" and not isinstance(chosen[k], str)]
+        if custom_options:
+            raise ValueError(
+                f"options: {custom_options} are custom measures (callables); they take no options"
+            )
+        _check_learning_rate(learning_rate)
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start: expected a bool, got {warm_start!r}")
+        if not (isinstance(progress, bool) or callable(progress)):
+            raise TypeError(f"progress: expected a bool or a callable(step, total, info), got {progress!r}")
         self.loss_fn = loss_fn
         self.data = data
         self.every = every
         self.measures = chosen
         self.options = options
+        self.learning_rate = learning_rate
+        self.warm_start = warm_start
+        self.progress = progress
         self.records: list[dict[str, Any]] = []
+        self.last_results: dict[str, Any] = {}
         self._step = 0
+        self._v0: dict[str, torch.Tensor] = {}
 
     def _options_for(self, name: str) -> dict[str, Any]:
         return {**self.options.get("*", {}), **self.options.get(name, {})}
 
-    def measure(self, model: nn.Module, *, step: int | None = None) -> dict[str, Any]:
-        """Compute every measure now and append a row ``{"step", "time_s", <measures>}``."""
-        row: dict[str, Any] = {"step": self._step if step is None else step}
+    def _warm_options(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with ``v0`` = previous eigenvector + 0.1 · a seeded random unit vector."""
+        # The previous vector's size matches while the options (params) stay the same.
+        prev = self._v0.get(name)
+        if not self.warm_start or prev is None or "v0" in options:
+            return options
+        g = torch.Generator().manual_seed(int(options.get("seed", 0)) + len(self.records))
+        noise = torch.randn(prev.shape, generator=g, dtype=torch.float64).to(prev)
+        v0 = prev / prev.norm() + WARM_MIX * noise / noise.norm()
+        out = {**options, "v0": v0}
+        if "ncv" not in options and prev.numel() > WARM_NCV:
+            out["ncv"] = WARM_NCV
+        return out
+
+    def _learning_rate(self) -> float:
+        lr = self.learning_rate() if callable(self.learning_rate) else self.learning_rate
+        if isinstance(lr, torch.Tensor):
+            lr = lr.item()
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"learning_rate: the callable returned {lr!r}; expected a positive number")
+        return float(lr)
+
+    def measure(self, model: nn.Module, *, step: int | None = None, **extra: Any) -> dict[str, Any]:
+        """Compute every measure now and append a row ``{"step", <extra>, <measures>, "time_s"}``.
+
+        Args:
+            model: the model to measure (left untouched).
+            step: the row's step (default: the monitor's own step counter).
+            **extra: further columns for the row, e.g. ``epoch=3``.
+
+        Returns:
+            The row.
+        """
+        row: dict[str, Any] = {"step": self._step if step is None else int(step), **extra}
+        if self.learning_rate is not None:
+            row["two_over_lr"] = 2.0 / self._learning_rate()
         t0 = time.perf_counter()
         with model_guard(model):
             for name, fn in self.measures.items():
                 if isinstance(fn, str):
-                    row[name] = BUILTIN_MEASURES[fn](model, self.loss_fn, self.data, self._options_for(name))
+                    options = self._options_for(name)
+                    if fn == "top_eigenvalue":
+                        options = self._warm_options(name, options)
+                    value, result = BUILTIN_MEASURES[fn](model, self.loss_fn, self.data, options)
+                    row[name] = value
+                    if result is not None:
+                        self.last_results[name] = result
+                    if fn == "top_eigenvalue":
+                        self._v0[name] = result.eigenvectors[0].detach().clone()
                 else:
                     value = fn(model)
                     if isinstance(value, torch.Tensor):
@@ -150,7 +301,19 @@ class Monitor:
                     row[name] = float(value) if isinstance(value, (int, float, torch.Tensor)) else value
         row["time_s"] = time.perf_counter() - t0
         self.records.append(row)
+        self._report(row)
         return row
+
+    def _report(self, row: dict[str, Any]) -> None:
+        if self.progress is False:
+            return
+        if self.progress is not True:
+            self.progress(len(self.records), None, dict(row))
+            return
+        cells = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "step"
+        )
+        print(f"monitor: record {len(self.records)} step {row['step']}: {cells}", file=sys.stderr)
 
     def step(self, model: nn.Module) -> dict[str, Any] | None:
         """Call once per training step; measures when the step is a multiple of ``every``."""
@@ -169,6 +332,12 @@ class Monitor:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.records)
+
+    def plot(self, measures: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The records over steps: :func:`flatness.plot.plot_monitor` (needs ``[plot]``)."""
+        from flatness.plot import plot_monitor
+
+        return plot_monitor(self, measures=measures, **kwargs)
 
     def __repr__(self) -> str:
         return f"Monitor(every={self.every}, measures={list(self.measures)}, records={len(self.records)})"

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["plot_1d", "plot_block_densities", "plot_contour", "plot_density", "plot_spectrum", "plot_surface"]
+__all__ = [
+    "plot_1d",
+    "plot_block_densities",
+    "plot_contour",
+    "plot_density",
+    "plot_monitor",
+    "plot_spectrum",
+    "plot_surface",
+]
 
 
 def _pyplot() -> Any:
@@ -276,3 +284,73 @@ def plot_block_densities(result: Any, *, axes: Any = None, log: bool = True, sha
         for ax in axes:
             ax.set_xlim(lo, hi)
     return axes
+
+
+def plot_monitor(
+    records: Any,
+    measures: Any = None,
+    *,
+    ax: Any = None,
+    log: bool = False,
+    edge: bool = True,
+) -> Any:
+    """Recorded measures against the training step, with 2/η beside λ₁ when it was recorded.
+
+    Args:
+        records: a :class:`flatness.Monitor` (or a callback holding one as ``monitor``), or its
+            ``records`` (a list of rows with ``"step"``).
+        measures: column names to draw (default: every numeric column except ``step``,
+            ``epoch``, ``time_s`` and ``two_over_lr``). Measures of different scales are best
+            drawn on separate Axes, one call each.
+        ax: Axes to draw on; default a new figure.
+        log: logarithmic y-axis.
+        edge: draw ``two_over_lr`` (2/η, the edge of stability of gradient descent) as a dashed
+            line when the rows have it.
+
+    Returns:
+        The Axes.
+
+    Raises:
+        ImportError: matplotlib is missing. ValueError: no records. KeyError: a measure no row has.
+    """
+    monitor = getattr(records, "monitor", records)
+    rows = list(getattr(monitor, "records", monitor))
+    if not rows:
+        raise ValueError("records: got none; record at least one step before plotting")
+    if not all(isinstance(r, dict) and "step" in r for r in rows):
+        raise TypeError("records: expected a Monitor or a list of rows (dicts with 'step')")
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    skip = {"step", "epoch", "time_s", "two_over_lr"}
+    if measures is None:
+        measures = [
+            k
+            for k in columns
+            if k not in skip
+            and any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)
+        ]
+    elif isinstance(measures, str):
+        measures = [measures]
+    missing = [m for m in measures if m not in columns]
+    if missing:
+        raise KeyError(f"measures: {missing} are not in the records; they have {columns}")
+    ax = _new_ax(ax)
+
+    def series(name: str) -> tuple[np.ndarray, np.ndarray]:
+        pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+        arr = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        return arr[:, 0], arr[:, 1]
+
+    for name in measures:
+        x, y = series(name)
+        ax.plot(x, y, ".-", label=name)
+    if edge and "two_over_lr" in columns:
+        x, y = series("two_over_lr")
+        ax.plot(x, y, "k--", label="2/η")
+    ax.set_xlabel("step")
+    ax.set_ylabel(measures[0] if len(measures) == 1 else "value")
+    if log:
+        ax.set_yscale("log")
+    ax.legend(loc="best")
+    return ax
