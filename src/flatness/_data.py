@@ -8,6 +8,7 @@ to the state they had when the objective was built.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -43,21 +44,72 @@ def first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
+def _leading_sizes(x: Any, path: str = "batch") -> Iterator[tuple[str, int]]:
+    """(where, leading size) of every tensor with at least one dimension, in batch order."""
+    if isinstance(x, torch.Tensor):
+        if x.ndim > 0:
+            yield path, int(x.shape[0])
+    elif isinstance(x, Mapping):
+        for k, v in x.items():
+            yield from _leading_sizes(v, f"{path}[{k!r}]")
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            yield from _leading_sizes(v, f"{path}[{i}]")
+
+
 def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> int:
-    """Number of samples in a batch: ``size_fn(batch)`` or the leading dimension of the inputs."""
+    """Number of samples in a batch, its weight in full-data means.
+
+    The rule, unless ``size_fn`` is given (then ``size_fn(batch)``):
+
+    - a tuple / list batch ``(inputs, targets, ...)``: the leading dimension of the first
+      tensor in ``inputs`` (``batch[0]``, searched depth-first), else of the first tensor
+      anywhere in the batch;
+    - a dict batch (or a single tensor): the leading dimension of the first tensor in the
+      dict's order (depth-first through nested dicts, tuples and lists).
+
+    Zero-dimensional tensors and non-tensor values are skipped. When the batch holds tensors of
+    different leading sizes the choice is ambiguous, and a ``UserWarning`` names them. Batches
+    whose samples are not their rows (tokens of a language model, nodes of a graph, time-major
+    sequences) need ``batch_size=``, see the objective's docs.
+
+    Args:
+        batch: one batch as the loader yields it.
+        size_fn: ``size_fn(batch) -> int`` replacing the rule.
+
+    Returns:
+        The size, a positive int.
+
+    Raises:
+        TypeError: the batch holds no tensor with a dimension. ValueError: a size ≤ 0 or not an int.
+    """
     if size_fn is not None:
         size = size_fn(batch)
+        if isinstance(size, torch.Tensor) and size.numel() == 1 and not size.is_floating_point():
+            size = int(size)
     else:
-        inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) > 0 else batch
-        t = first_tensor(inputs)
-        if t is None:
-            t = first_tensor(batch)
-        if t is None or t.ndim == 0:
+        sizes = list(_leading_sizes(batch))
+        if not sizes:
             raise TypeError(
                 "batch_size: cannot find the batch size of a batch of type "
                 f"{type(batch).__name__}; pass batch_size=callable(batch) -> int"
             )
-        size = t.shape[0]
+        chosen = sizes[0]
+        if isinstance(batch, (tuple, list)) and len(batch) > 0:
+            in_inputs = list(_leading_sizes(batch[0], "batch[0]"))
+            if in_inputs:
+                chosen = in_inputs[0]
+        if any(n != chosen[1] for _, n in sizes):
+            shown = ", ".join(f"{where}: {n}" for where, n in sizes[:6])
+            more = f" and {len(sizes) - 6} more" if len(sizes) > 6 else ""
+            warnings.warn(
+                f"batch_size: a batch holds tensors of different leading sizes ({shown}{more}); "
+                f"it is weighted by {chosen[1]}, the leading size of {chosen[0]}. Pass "
+                "batch_size=callable(batch) -> int to choose (e.g. lambda b: b['input_ids'].shape[0])",
+                UserWarning,
+                stacklevel=3,
+            )
+        size = chosen[1]
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"batch_size: a batch has size {size!r}; expected a positive int")
     return int(size)
