@@ -16,7 +16,13 @@ __all__ = ["all_reduce_sums", "broadcast", "check_same_size", "rank_and_world", 
 
 
 def resolve_group(group: Any) -> Any:
-    """The group to reduce over: the given one, the world group if initialized, else None."""
+    """The group to reduce over: the given one, the world group if initialized, else None.
+
+    ``False`` means this process alone (no collectives) even when torch.distributed is
+    initialized: what rank-zero-only callers such as the training callbacks need.
+    """
+    if group is False:
+        return None
     if group is not None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("process_group: given, but torch.distributed is not initialized")

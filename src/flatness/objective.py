@@ -156,7 +156,8 @@ class Objective:
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
             batches and random augmentations are the same in every pass.
         process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
-            data; default: the world group when one is initialized, else none.
+            data; default: the world group when one is initialized, else none; ``False``:
+            this process's data alone, no collectives (for measuring on one rank only).
 
     Raises:
         TypeError, ValueError: with the argument named, for bad input.
