@@ -47,7 +47,7 @@ def test_bad_sizes():
         batch_size_of({"n": torch.tensor(3)})
     with pytest.raises(ValueError, match="size 0"):
         batch_size_of({"x": torch.zeros(2)}, lambda b: 0)
-    with pytest.raises(ValueError, match="size 2.5"):
+    with pytest.raises(ValueError, match=r"size 2\.5"):
         batch_size_of({"x": torch.zeros(2)}, lambda b: 2.5)
 
 
