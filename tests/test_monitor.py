@@ -135,7 +135,9 @@ def test_measures_bad_input():
         with pytest.raises(ValueError, match="learning_rate"):
             Monitor(F.cross_entropy, [], learning_rate=bad)
     with pytest.raises(ValueError, match="learning_rate: the callable returned"):
-        Monitor(F.cross_entropy, _model_and_data()[1], learning_rate=lambda: 0.0).step(_model_and_data()[0])
+        Monitor(F.cross_entropy, _model_and_data()[1], learning_rate=lambda: -1.0).step(_model_and_data()[0])
+    end_of_schedule = Monitor(F.cross_entropy, _model_and_data()[1], learning_rate=lambda: 0.0)
+    assert end_of_schedule.step(_model_and_data()[0])["two_over_lr"] == float("inf")
     with pytest.raises(TypeError, match="progress"):
         Monitor(F.cross_entropy, [], progress="yes")
 

@@ -179,8 +179,9 @@ class Monitor:
             ``{"sharpness": {"epsilon": 5e-4}, "trace": {"n_hvp": 30}}``; the key ``"*"``
             applies to all built-ins (e.g. ``{"*": {"max_batches": 4}}``).
         learning_rate: η, a number or a ``callable() -> number`` read at each record (for
-            schedules); each row then holds ``two_over_lr`` = 2/η. For plain gradient descent
-            (no momentum) λ₁ > 2/η makes the step unstable along the top eigenvector.
+            schedules); each row then holds ``two_over_lr`` = 2/η (``inf`` for η = 0). For plain
+            gradient descent (no momentum) λ₁ > 2/η makes the step unstable along the top
+            eigenvector.
         warm_start: start each ``top_eigenvalue`` record's Lanczos from the previous record's
             eigenvector plus a seeded random vector of relative weight 0.1, with a Lanczos
             basis of 8 vectors unless ``options`` give ``ncv`` (cold starts when False, or
@@ -263,8 +264,8 @@ class Monitor:
         lr = self.learning_rate() if callable(self.learning_rate) else self.learning_rate
         if isinstance(lr, torch.Tensor):
             lr = lr.item()
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"learning_rate: the callable returned {lr!r}; expected a positive number")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise ValueError(f"learning_rate: the callable returned {lr!r}; expected a number >= 0")
         return float(lr)
 
     def measure(self, model: nn.Module, *, step: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -280,7 +281,8 @@ class Monitor:
         """
         row: dict[str, Any] = {"step": self._step if step is None else int(step), **extra}
         if self.learning_rate is not None:
-            row["two_over_lr"] = 2.0 / self._learning_rate()
+            lr = self._learning_rate()
+            row["two_over_lr"] = 2.0 / lr if lr > 0 else float("inf")  # a schedule's last step
         t0 = time.perf_counter()
         with model_guard(model):
             for name, fn in self.measures.items():
