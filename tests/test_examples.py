@@ -48,3 +48,27 @@ def test_batch_size_study_quick(tmp_path):
         assert saved["runs"][protocol]["SB"][0]["seed"] == 0
     # The loss protocol really trains every regime to the target.
     assert all(r[0]["train_loss"] <= 1e-2 for r in results["runs"]["loss"].values())
+
+
+def test_lightning_example(tmp_path):
+    pytest.importorskip("lightning")
+    import csv
+
+    callback = load("lightning_callback").main(steps=40, every=20, out=str(tmp_path))
+    assert [r["step"] for r in callback.records] == [0, 20, 40]
+    assert all(r["two_over_lr"] == pytest.approx(10.0) and r["top_eigenvalue"] > 5 for r in callback.records)
+    with open(tmp_path / "flatness" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("flatness/top_eigenvalue")]
+    assert [int(r["step"]) for r in rows] == [0, 20, 40]
+    assert [float(r["flatness/top_eigenvalue"]) for r in rows] == pytest.approx(
+        [r["top_eigenvalue"] for r in callback.records]
+    )
+
+
+def test_huggingface_example(tmp_path):
+    pytest.importorskip("transformers")
+    callback = load("huggingface_callback").main(steps=10, every=5, out=str(tmp_path))
+    assert [r["step"] for r in callback.records] == [0, 5, 10]
+    assert callback.records[-1]["loss"] < callback.records[0]["loss"]
+    logged = [h for h in callback.trainer.state.log_history if "flatness/loss" in h]
+    assert [h["flatness/top_eigenvalue"] for h in logged] == [r["top_eigenvalue"] for r in callback.records]
