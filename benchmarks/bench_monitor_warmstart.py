@@ -8,7 +8,7 @@ records' basis (8), and warm starts (the Monitor's default: the previous record'
 + 0.1 · a random unit vector, basis 8). Prints HVPs per record (mean, median, ratios) and the
 largest disagreement of the warm λ₁ with the cold one (a warm start must find the same λ₁).
 
-Usage: ``python benchmarks/bench_monitor_warmstart.py [--steps 600] [--every 10] [--lr 0.2]``.
+Usage: ``python benchmarks/bench_monitor_warmstart.py [--steps 400] [--every 10] [--lr 0.2]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--tol", type=float, nargs="+", default=[1e-3, 1e-2])
