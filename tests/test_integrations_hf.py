@@ -262,16 +262,14 @@ def test_callback_without_attach_rank_zero_and_epochs():
     per_epoch = FlatnessTrainerCallback(
         None, probe, every=2, interval="epoch", options={"*": lm_loss("causal")}
     )
-    for epoch in (1.0, 2.0, 3.0, 4.0):
+    # 5 steps per epoch; max_steps ends training in the sixth epoch (a partial one ends too).
+    for epoch in (1.0, 2.0, 3.0, 4.0, 5.0, 5.4):
+        step = round(epoch * 5)
         per_epoch.on_step_end(
-            args, SimpleNamespace(**{**vars(state), "global_step": int(epoch) * 5}), None, model=model
+            args, SimpleNamespace(**{**vars(state), "global_step": step}), None, model=model
         )
-        per_epoch.on_epoch_end(
-            args,
-            SimpleNamespace(**{**vars(state), "epoch": epoch, "global_step": int(epoch) * 5}),
-            None,
-            model=model,
-        )
-    assert [(r["step"], r["epoch"]) for r in per_epoch.records] == [(10, 2.0), (20, 4.0)]
+        end = SimpleNamespace(**{**vars(state), "epoch": epoch, "global_step": step})
+        per_epoch.on_epoch_end(args, end, None, model=model)
+    assert [(r["step"], r["epoch"]) for r in per_epoch.records] == [(10, 2.0), (20, 4.0), (27, 5.4)]
     with pytest.raises(TypeError, match=r"transformers\.Trainer"):
         callback.attach(object())

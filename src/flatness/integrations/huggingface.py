@@ -18,6 +18,7 @@ Needs ``pip install "flatness[hf]"`` (``transformers`` and ``accelerate``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -253,8 +254,9 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
             self._record(state, model, kwargs.get("optimizer"))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        epoch = round(state.epoch or 0)
-        if self.interval == "epoch" and epoch % self.every == 0:
+        # state.epoch is the progress in epochs: 2.0 after the second, 2.5 after a partial third.
+        epoch = math.ceil((state.epoch or 0.0) - 1e-6)
+        if self.interval == "epoch" and epoch > 0 and epoch % self.every == 0:
             self._record(state, model, kwargs.get("optimizer"))
 
     def __repr__(self) -> str:
