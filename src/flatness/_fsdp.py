@@ -33,16 +33,9 @@ from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch
 from flatness._fd import fd_step
 from flatness._guard import model_guard, seed_everything
-from flatness.objective import (
-    BatchLoss,
-    LossFn,
-    NonFiniteLossError,
-    ParamSpec,
-    _check_choice,
-    _LossModule,
-    _promote,
-    _select_params,
-)
+from flatness._params import ParamSpec, select_params
+from flatness._validate import check_choice, check_seed
+from flatness.objective import BatchLoss, LossFn, NonFiniteLossError, _LossModule, _promote
 
 __all__ = ["ShardedObjective", "ShardedVectorSpace", "is_sharded"]
 
@@ -270,8 +263,8 @@ class ShardedObjective:
                 "loss_fn / batch_loss: pass exactly one: loss_fn(outputs, targets) or "
                 "batch_loss(model, batch)"
             )
-        _check_choice("reduction", reduction, ("mean", "sum"))
-        _check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
+        check_choice("reduction", reduction, ("mean", "sum"))
+        check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
         if hvp_mode in ("forward", "reverse"):
             raise ValueError(
                 f"hvp_mode: {hvp_mode!r} is not possible for a model sharded with fully_shard "
@@ -282,8 +275,7 @@ class ShardedObjective:
                 "dtype: not supported for a model sharded with fully_shard; it computes in its "
                 "parameters' (or its MixedPrecisionPolicy's) dtype"
             )
-        if not isinstance(data_seed, int):
-            raise TypeError(f"data_seed: expected an int, got {type(data_seed).__name__}")
+        data_seed = check_seed(data_seed, "data_seed")
         self.model = model
         self.data = DataSource(data, max_batches=max_batches)
         self.reduction = reduction
@@ -293,7 +285,7 @@ class ShardedObjective:
         self._size_fn = batch_size
         self._module = _LossModule(model, loss_fn, batch_loss)
 
-        chosen = _select_params(model, params)
+        chosen = select_params(model, params)
         not_sharded = [n for n, p in chosen if not isinstance(p, dtensor)]  # type: ignore[arg-type]
         if not_sharded:
             raise ValueError(
