@@ -168,11 +168,75 @@ def _core(rank, state_dict):
     return out
 
 
+def _sharded(state_dict, dtype=torch.float64):
+    model = make_model(dtype)
+    model.load_state_dict(state_dict)
+    return shard_model(model, 2)
+
+
+def _model_level(rank, state_dicts):
+    import flatness
+    from flatness._fsdp import ShardedObjective
+
+    x, y = make_data()
+    data = shard(x, y, rank)
+    model = _sharded(state_dicts["a"])
+    model.eval()
+    before = local_state(model)
+    out = {}
+    fd = {"hvp_mode": "finite_difference"}
+    top = flatness.hessian_topk(model, F.cross_entropy, data, k=3, tol=1e-8, **fd)
+    out["top_vals"], out["top_vecs"], out["top_conv"] = top.eigenvalues, top.eigenvectors, top.converged
+    out["top_shapes"] = top.shapes
+    out["top_dicts"] = top.eigenvector_dicts()
+    out["trace"] = flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=12, seed=3).estimate
+    dens = flatness.hessian_density(model, F.cross_entropy, data, n_runs=2, n_steps=6, seed=4)
+    out["nodes"], out["weights"] = dens.nodes, dens.weights
+    sharp = flatness.sharpness(model, F.cross_entropy, data, epsilon=1e-2, subspace=4, max_iter=3, seed=5)
+    out["sharp"], out["sharp_loss"] = sharp.value, sharp.loss
+    obj = ShardedObjective(model, F.cross_entropy, data)
+    from flatness.sharpness import _sharded_subspace
+
+    out["sharp_A"] = _sharded_subspace(4, obj, torch.Generator().manual_seed(5))[0].T  # (p, n_local)
+    out["avg"] = flatness.average_sharpness(model, F.cross_entropy, data, rho=0.05, n_samples=3, seed=6).value
+    c = torch.linspace(-0.5, 0.5, 3)
+    land = flatness.landscape_2d(model, F.cross_entropy, data, alphas=c, betas=c[:2], seed=2)
+    out["land"] = land.loss
+    out["land_dirs"] = torch.stack([obj.flatten(d) for d in land.directions])
+    line = flatness.landscape_1d(
+        model, F.cross_entropy, data, alphas=c, normalization="layer", ignore_1d=False, seed=8
+    )
+    out["line"], out["line_dir"] = line.loss, obj.flatten(line.directions[0])
+    model_b = _sharded(state_dicts["b"])
+    out["interp"] = flatness.interpolate(model, model_b, F.cross_entropy, data, alphas=c).loss
+    errors = {}
+    for key, call in {
+        "ggn": lambda: flatness.hessian_topk(model, F.cross_entropy, data, curvature="ggn"),
+        "blocks": lambda: flatness.hessian_trace(model, F.cross_entropy, data, blocks="module"),
+        "full_space": lambda: flatness.sharpness(model, F.cross_entropy, data),
+        "adaptive": lambda: flatness.adaptive_sharpness(model, F.cross_entropy, data, rho=0.1),
+        "reverse": lambda: flatness.hessian_topk(model, F.cross_entropy, data, hvp_mode="reverse"),
+    }.items():
+        try:
+            call()
+        except ValueError as err:
+            errors[key] = str(err)
+    out["errors"] = errors
+    out["untouched"] = same_state(before, local_state(model))
+    # float32: the finite-difference eigenvalues within 1e-3 of the exact ones.
+    m32 = _sharded({k: v.float() for k, v in state_dicts["a"].items()}, torch.float32)
+    data32 = [(xb.float(), yb) for xb, yb in data]
+    out["top32"] = flatness.hessian_topk(m32, F.cross_entropy, data32, k=3, tol=1e-4).eigenvalues
+    out["ranges"] = obj.space.ranges
+    out["n"] = obj.n
+    return out
+
+
 def _worker(rank, port, tmp, what, payload):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        result = {"core": _core}[what](rank, payload)
+        result = {"core": _core, "model_level": _model_level}[what](rank, payload)
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -242,3 +306,90 @@ def test_sharded_objective_equals_one_process(tmp_path):
         # Finite differences against the exact product (float64: ~1e-10).
         assert rel(gather(ranks, key + "hvp"), obj.hvp(v)) < 1e-8
         assert rel(gather(ranks, key + "hvp_at"), obj.hvp(v, theta)) < 1e-8
+
+
+class _OneProcess:
+    """The unsharded model's exact Hessian with the sharded space's random vectors (one range)."""
+
+    def __init__(self, obj):
+        from flatness._fsdp import ShardedVectorSpace
+
+        self.obj = obj
+        self.shape = (obj.n, obj.n)
+        self.dtype, self.device = obj.dtype, obj.device
+        self.space = ShardedVectorSpace([(0, obj.n)], obj.n, dtype=obj.dtype)
+
+    def matvec(self, v):
+        return self.obj.hvp(v)
+
+
+def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
+    import flatness
+    from flatness.algorithms import slq_density, trace_estimate
+    from flatness.sharpness import _Evaluator  # noqa: F401  (the same module is used by the ranks)
+
+    model = make_model()
+    torch.manual_seed(1)
+    model_b = make_model()
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ranks = run_ranks(tmp_path, "model_level", {"a": model.state_dict(), "b": model_b.state_dict()})
+    x, y = make_data()
+    data = shard(x, y, 0) + shard(x, y, 1)  # the same batches as the two ranks together
+    obj = flatness.Objective(model, F.cross_entropy, data)
+    one = _OneProcess(obj)
+    hess = torch.stack([obj.hvp(e) for e in torch.eye(obj.n, dtype=torch.float64)])
+    exact = torch.linalg.eigh((hess + hess.T) / 2)
+    r0, r1 = ranks
+    for r in ranks:
+        assert r["untouched"], "the sharded model was changed"
+        assert r["top_conv"]
+        # Finite differences in float64 on 2 ranks: within 1e-6 of the dense oracle.
+        lam = exact.eigenvalues.flip(0)[:3]
+        assert float(((r["top_vals"] - lam).abs() / lam.abs()).max()) < 1e-6
+        assert float(((r["top32"].double() - lam).abs() / lam.abs()).max()) < 1e-3
+        assert set(r["errors"]) == {"ggn", "blocks", "full_space", "adaptive", "reverse"}
+        assert "fully_shard" in r["errors"]["ggn"] and "pass an int p" in r["errors"]["full_space"]
+    # Every rank returns the same numbers.
+    for key in ("top_vals", "nodes", "weights", "land", "line", "interp", "top32"):
+        assert torch.equal(torch.as_tensor(r0[key]), torch.as_tensor(r1[key])), key
+    for key in ("trace", "sharp", "avg"):
+        assert r0[key] == r1[key], key
+    # Eigenvectors: each rank holds its shards; together the exact eigenvectors (up to sign).
+    vecs = gather(ranks, "top_vecs")
+    for i in range(3):
+        assert abs(float(vecs[i] @ exact.eigenvectors[:, -1 - i])) > 1 - 1e-6
+    assert tuple(r0["top_shapes"][0]) == tuple(r0["top_dicts"][0]["l1.weight"].shape) == (4, 5)
+    # Trace and density: the same probes in one process (one-range sharded space), exact products.
+    trace = trace_estimate(one, method="hutch++", n_matvec=12, seed=3).estimate
+    assert r0["trace"] == pytest.approx(trace, rel=1e-7)
+    dens = slq_density(one, n_runs=2, n_steps=6, seed=4)
+    assert torch.allclose(r0["nodes"], dens.nodes, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(r0["weights"], dens.weights, rtol=1e-6, atol=1e-9)
+    # Keskar sharpness in the ranks' subspace: the same as one process given that matrix.
+    A = gather(ranks, "sharp_A")  # (p, n)
+    single = flatness.sharpness(model, F.cross_entropy, data, epsilon=1e-2, subspace=A.T, max_iter=3, seed=5)
+    assert r0["sharp_loss"] == pytest.approx(single.loss, rel=1e-12)
+    assert r0["sharp"] == pytest.approx(single.value, rel=1e-6)
+    # Average sharpness: the same draws (one-range space, same generator) in one process.
+    gen = torch.Generator().manual_seed(6)
+    c_scale = obj.theta0.abs()
+    gains = [
+        float(obj.loss(obj.theta0 + 0.05 * c_scale * one.space.randn(gen))) - float(obj.loss())
+        for _ in range(3)
+    ]
+    assert r0["avg"] == pytest.approx(sum(gains) / 3, rel=1e-9)
+    # Landscapes along the ranks' directions, and the interpolation, in one process.
+    c = torch.linspace(-0.5, 0.5, 3)
+    dirs = gather(ranks, "land_dirs")
+    land = flatness.landscape_2d(
+        model, F.cross_entropy, data, alphas=c, betas=c[:2], directions=[dirs[0], dirs[1]], normalization=None
+    )
+    assert torch.allclose(torch.as_tensor(r0["land"]), torch.as_tensor(land.loss), rtol=1e-12)
+    line = flatness.landscape_1d(
+        model, F.cross_entropy, data, alphas=c, direction=gather(ranks, "line_dir"), normalization=None
+    )
+    assert torch.allclose(torch.as_tensor(r0["line"]), torch.as_tensor(line.loss), rtol=1e-12)
+    interp = flatness.interpolate(model, model_b, F.cross_entropy, data, alphas=c)
+    assert torch.allclose(torch.as_tensor(r0["interp"]), torch.as_tensor(interp.loss), rtol=1e-12)

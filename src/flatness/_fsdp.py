@@ -35,9 +35,10 @@ from flatness._fd import fd_step
 from flatness._guard import model_guard, seed_everything
 from flatness._params import ParamSpec, select_params
 from flatness._validate import check_choice, check_seed
+from flatness.algorithms._linalg import VectorSpace
 from flatness.objective import BatchLoss, LossFn, NonFiniteLossError, _LossModule, _promote
 
-__all__ = ["ShardedObjective", "ShardedVectorSpace", "is_sharded"]
+__all__ = ["ShardedObjective", "ShardedVectorSpace", "is_sharded", "make_objective", "random_direction"]
 
 _BLOCK = 1 << 22  # random numbers are drawn this many at a time (bounded host memory)
 
@@ -101,19 +102,24 @@ def _sign_range(key: int, start: int, stop: int) -> np.ndarray:
     return np.where(_uniforms(key, start, stop - start) < 0.5, -1.0, 1.0)
 
 
-class ShardedVectorSpace:
+class ShardedVectorSpace(VectorSpace):
     """Vectors of n numbers of which this process holds the entries in ``ranges``.
 
     A vector is stored as the *local vector*: its entries in the global index ranges
-    ``ranges`` (sorted, disjoint), concatenated (``n_local`` numbers). Reductions are summed
-    over ``group`` (all ranks together hold every entry once); with ``group=None`` and the one
-    range (0, n) this is the ordinary single-process space.
+    ``ranges`` (sorted, disjoint), concatenated (``n_local`` numbers). Reductions (dot
+    products, norms, coefficients, Gram matrices) are summed over ``group`` — all ranks
+    together hold every entry once; with ``group=None`` and the one range (0, n) this is a
+    single-process space with the same random vectors.
 
     Random vectors are drawn entry by entry from a counter-based generator (Philox, keyed by a
     number drawn from the caller's ``torch.Generator``): entry e of a draw is a function of
-    (key, e) only, so each rank draws its ranges alone, the vector is the same for any number
-    of ranks or sharding, and no rank forms the full vector. Normal entries use the
-    Box–Muller transform of pairs of uniforms.
+    (key, e) only, so each rank draws its ranges alone, in O(n_local) time and memory, and the
+    vector is the same for any number of ranks. Normal entries use the Box–Muller transform of
+    pairs of uniforms. (These are other numbers than :class:`VectorSpace` draws for the same
+    seed: an unsharded model and a sharded one start from different random vectors.)
+
+    Orthonormalization is Cholesky QR applied twice (CholeskyQR2; Fukaya et al. 2014), whose
+    only reduction is the s×s Gram matrix.
     """
 
     def __init__(
@@ -125,40 +131,46 @@ class ShardedVectorSpace:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        super().__init__(int(n), dtype=dtype, device=device)
         self.ranges = [(int(a), int(b)) for a, b in ranges]
-        self.n = int(n)
         self.n_local = sum(b - a for a, b in self.ranges)
         self.group = group
-        self.device = torch.device(device)
-        self.dtype = dtype
 
     # -------------------------------------------------------------- reductions
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Σ over ranks of a small tensor (a no-op without a group)."""
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over the ranks of ``t`` (a small tensor: a number, coefficients, a Gram matrix)."""
         if self.group is None:
             return t
         buf = t.detach().to(_dist._device_for(self.group, t)).clone()
         dist.all_reduce(buf, group=self.group)
         return buf.to(t.device)
 
-    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """aᵀb over all entries (float64 accumulation)."""
-        local = torch.dot(a.reshape(-1).double(), b.reshape(-1).double()).reshape(1)
-        return float(self.all_reduce(local))
-
-    def norm(self, a: torch.Tensor) -> float:
-        """‖a‖ over all entries."""
-        local = torch.linalg.vector_norm(a.reshape(-1), dtype=torch.float64).square().reshape(1)
-        return math.sqrt(float(self.all_reduce(local)))
-
-    def coeffs(self, V: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """V w for the rows of V (k local vectors): the k inner products, summed over ranks."""
-        return self.all_reduce(V @ w)
+    def orthonormalize(self, rows: torch.Tensor) -> torch.Tensor:
+        """Orthonormal rows spanning ``rows`` by CholeskyQR2 (zero rows for a rank deficiency)."""
+        Q = rows
+        for _ in range(2):
+            G = self.gram(Q, Q).double().cpu()
+            G = (G + G.T) / 2
+            chol, info = torch.linalg.cholesky_ex(G)
+            if int(info) == 0:
+                L = chol.to(device=Q.device, dtype=Q.dtype)
+                Q = torch.linalg.solve_triangular(L, Q, upper=False, left=True)
+                continue
+            # Rank deficient: Q ← Λ^(-1/2) Uᵀ Q on the numerically nonzero eigenvalues.
+            lam, U = torch.linalg.eigh(G)
+            keep = lam > lam.max().clamp_min(0) * G.shape[0] * torch.finfo(Q.dtype).eps
+            scale = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+            M = (U * scale).T.to(device=Q.device, dtype=Q.dtype)
+            Q = M @ Q
+        return Q
 
     # -------------------------------------------------------------- random vectors
-    def _draw(self, gen: torch.Generator, rows: int, entries: Callable[[int, int, int], np.ndarray]):
-        keys = torch.randint(0, 2**62, (rows,), generator=gen, dtype=torch.int64).tolist()
-        out = torch.empty(rows, self.n_local, dtype=self.dtype, device=self.device)
+    def _draw(
+        self, gen: torch.Generator, rows: int | None, entries: Callable[[int, int, int], np.ndarray]
+    ) -> torch.Tensor:
+        count = 1 if rows is None else rows
+        keys = torch.randint(0, 2**62, (count,), generator=gen, dtype=torch.int64).tolist()
+        out = torch.empty(count, self.n_local, dtype=self.dtype, device=self.device)
         for r, key in enumerate(keys):
             pos = 0
             for a, b in self.ranges:
@@ -167,15 +179,18 @@ class ShardedVectorSpace:
                     chunk = torch.from_numpy(entries(key, s, e))
                     out[r, pos : pos + e - s] = chunk.to(device=self.device, dtype=self.dtype)
                     pos += e - s
-        return out
+        return out[0] if rows is None else out
 
-    def randn(self, gen: torch.Generator, rows: int) -> torch.Tensor:
-        """(rows, n_local): this process's entries of ``rows`` standard normal vectors."""
+    def randn(self, gen: torch.Generator, rows: int | None = None) -> torch.Tensor:
+        """This process's entries of standard normal vector(s): (n_local,) or (rows, n_local)."""
         return self._draw(gen, rows, _normal_range)
 
-    def rademacher(self, gen: torch.Generator, rows: int) -> torch.Tensor:
-        """(rows, n_local): this process's entries of ``rows`` Rademacher (±1) vectors."""
+    def rademacher(self, gen: torch.Generator, rows: int | None = None) -> torch.Tensor:
+        """This process's entries of Rademacher (±1) vector(s): (n_local,) or (rows, n_local)."""
         return self._draw(gen, rows, _sign_range)
+
+    def __repr__(self) -> str:
+        return f"ShardedVectorSpace(n={self.n}, n_local={self.n_local}, dtype={self.dtype}, device={self.device})"
 
 
 # ---------------------------------------------------------------------------- the objective
@@ -277,6 +292,16 @@ class ShardedObjective:
             )
         data_seed = check_seed(data_seed, "data_seed")
         self.model = model
+        self._options = {
+            "loss_fn": loss_fn,
+            "batch_loss": batch_loss,
+            "reduction": reduction,
+            "train": train,
+            "max_batches": max_batches,
+            "batch_size": batch_size,
+            "hvp_mode": hvp_mode,
+            "data_seed": data_seed,
+        }
         self.data = DataSource(data, max_batches=max_batches)
         self.reduction = reduction
         self.train = bool(train)
@@ -343,7 +368,7 @@ class ShardedObjective:
         with torch.no_grad():
             self.theta0 = torch.cat([t.detach().reshape(-1).to(self.dtype) for t in self._locals])
         sizes = torch.tensor([float(self.n)], dtype=torch.float64)
-        if float(self.space.all_reduce(sizes)) != self.n * self._world:
+        if float(self.space.reduce(sizes)) != self.n * self._world:
             raise ValueError(
                 "params: ranks disagree on the parameters chosen; every rank needs the same model"
             )
@@ -363,6 +388,10 @@ class ShardedObjective:
         return out or [t.dtype for t in self._locals]
 
     hvp_mode_used = "finite_difference"
+
+    def with_params(self, params: ParamSpec) -> ShardedObjective:
+        """The same model, loss, data and options with θ restricted to another selection."""
+        return ShardedObjective(self.model, data=self.data.source, params=params, **self._options)
 
     # ------------------------------------------------------------------ vectors
     def _as_vector(self, v: Any, name: str) -> torch.Tensor:
@@ -483,7 +512,7 @@ class ShardedObjective:
             batch = next(it, _END)
             have = batch is not _END
             flags = torch.tensor([float(have)], dtype=torch.float64)
-            count = round(float(self.space.all_reduce(flags)))
+            count = round(float(self.space.reduce(flags)))
             if first and count < self._world:
                 missing = self._world - count
                 raise ValueError(
@@ -510,7 +539,7 @@ class ShardedObjective:
         head = torch.cat(
             [total.double().cpu().reshape(-1), torch.tensor([float(size), float(bad)], dtype=torch.float64)]
         )
-        head = self.space.all_reduce(head)
+        head = self.space.reduce(head)
         self.n_passes += 1
         if float(head[-1]):
             raise NonFiniteLossError(f"the {what} is not finite (on {round(float(head[-1]))} rank(s))")
@@ -674,7 +703,7 @@ class ShardedObjective:
                 if real:
                     size += m
         head = torch.cat([totals.reshape(-1), torch.tensor([float(size)], dtype=torch.float64)])
-        head = self.space.all_reduce(head)
+        head = self.space.reduce(head)
         self.n_passes += 1
         self.n_loss += k
         scale = 1.0 / float(head[-1]) if self.reduction == "mean" else 1.0
@@ -686,3 +715,69 @@ class ShardedObjective:
             f"ShardedObjective(n={self.n}, n_local={self.n_local}, dtype={self.dtype}, "
             f"device={self.device}, world={self._world})"
         )
+
+
+# ---------------------------------------------------------------------------- model-level helpers
+def make_objective(model: nn.Module, loss_fn: Any = None, data: Any = None, **options: Any) -> Any:
+    """:class:`ShardedObjective` for a model sharded with ``fully_shard``, else :class:`Objective`."""
+    from flatness.objective import Objective
+
+    check_not_fsdp1(model)
+    if is_sharded(model):
+        return ShardedObjective(model, loss_fn, data, **options)
+    return Objective(model, loss_fn, data, **options)
+
+
+def unsupported(what: str, model: nn.Module, hint: str = "") -> None:
+    """Raise a ValueError naming ``what`` if ``model`` is sharded (a feature not available there)."""
+    if is_sharded(model):
+        raise ValueError(
+            f"{what}: not available for a model sharded with fully_shard (DTensor parameters)"
+            + (f"; {hint}" if hint else "")
+        )
+
+
+def normalize_local(
+    obj: ShardedObjective, direction: torch.Tensor, normalization: str | None, ignore_1d: bool
+) -> dict[str, torch.Tensor]:
+    """Filter / layer normalization of a local direction vector, as this rank's shards.
+
+    Dim-0 sharding keeps every filter (a first-axis slice) whole on one rank, so filter norms
+    are local; layer norms and 1-D tensors (when kept) need the norm over all ranks.
+    """
+    d = obj.unflatten(direction)
+    w = obj.unflatten(obj.theta0)
+    out = {}
+    for name, shape in zip(obj.names, obj.shapes, strict=True):
+        di, wi = d[name], w[name]
+        if len(shape) <= 1:
+            if ignore_1d:
+                out[name] = torch.zeros_like(di)
+                continue
+            if normalization is None:
+                out[name] = di.clone()
+                continue
+        if normalization is None:
+            out[name] = di.clone()
+        elif normalization == "filter" and len(shape) > 1:
+            dims = tuple(range(1, di.ndim))
+            wn = torch.linalg.vector_norm(wi, dim=dims, keepdim=True)
+            dn = torch.linalg.vector_norm(di, dim=dims, keepdim=True)
+            out[name] = di * (wn / (dn + 1e-10))
+        else:  # layer, or a kept 1-D tensor: one norm over all ranks
+            norms = torch.stack([wi.double().square().sum(), di.double().square().sum()])
+            wn, dn = obj.space.reduce(norms).sqrt().tolist()
+            out[name] = di * (wn / (dn + 1e-10))
+    return out
+
+
+def random_direction(
+    obj: ShardedObjective, *, normalization: str | None, ignore_1d: bool, seed: int
+) -> dict[str, torch.Tensor]:
+    """A seeded Gaussian direction of a sharded model, as this rank's shards, normalized.
+
+    Drawn by the objective's :class:`ShardedVectorSpace` (the same vector for any number of
+    ranks; other numbers than the unsharded :func:`flatness.random_direction` for this seed).
+    """
+    gen = torch.Generator().manual_seed(check_seed(seed))
+    return normalize_local(obj, obj.space.randn(gen), normalization, ignore_1d)
