@@ -48,3 +48,12 @@ def test_batch_size_study_quick(tmp_path):
         assert saved["runs"][protocol]["SB"][0]["seed"] == 0
     # The loss protocol really trains every regime to the target.
     assert all(r[0]["train_loss"] <= 1e-2 for r in results["runs"]["loss"].values())
+
+
+@pytest.mark.slow
+def test_fsdp_transformer_example():
+    result = load("fsdp_transformer").main(["--ranks", "2", "--layers", "1", "--d-model", "16"])
+    vals, _, converged, _ = result["topk"]
+    assert converged and vals[0] >= vals[1] > 0
+    assert result["eigvec_shard"] == (4, 16)  # rank 0's half of the 8-row head
+    assert len(result["slice"]) == 5 and min(result["slice"]) > 0
