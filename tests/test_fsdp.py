@@ -185,7 +185,7 @@ def _model_level(rank, state_dicts):
     before = local_state(model)
     out = {}
     fd = {"hvp_mode": "finite_difference"}
-    top = flatness.hessian_topk(model, F.cross_entropy, data, k=3, tol=1e-8, **fd)
+    top = flatness.hessian_topk(model, F.cross_entropy, data, k=5, tol=1e-8, **fd)
     out["top_vals"], out["top_vecs"], out["top_conv"] = top.eigenvalues, top.eigenvectors, top.converged
     out["top_shapes"] = top.shapes
     out["top_dicts"] = top.eigenvector_dicts()
@@ -226,7 +226,7 @@ def _model_level(rank, state_dicts):
     # float32: the finite-difference eigenvalues within 1e-3 of the exact ones.
     m32 = _sharded({k: v.float() for k, v in state_dicts["a"].items()}, torch.float32)
     data32 = [(xb.float(), yb) for xb, yb in data]
-    out["top32"] = flatness.hessian_topk(m32, F.cross_entropy, data32, k=3, tol=1e-4).eigenvalues
+    out["top32"] = flatness.hessian_topk(m32, F.cross_entropy, data32, k=5, tol=1e-4).eigenvalues
     out["ranges"] = obj.space.ranges
     out["n"] = obj.n
     return out
@@ -323,6 +323,7 @@ class _OneProcess:
         return self.obj.hvp(v)
 
 
+@pytest.mark.slow
 def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
     import flatness
     from flatness.algorithms import slq_density, trace_estimate
@@ -345,8 +346,9 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
     for r in ranks:
         assert r["untouched"], "the sharded model was changed"
         assert r["top_conv"]
-        # Finite differences in float64 on 2 ranks: within 1e-6 of the dense oracle.
-        lam = exact.eigenvalues.flip(0)[:3]
+        # Finite differences on 2 ranks: the top 5 within 1e-6 of the dense oracle in float64,
+        # within 1e-3 in float32.
+        lam = exact.eigenvalues.flip(0)[:5]
         assert float(((r["top_vals"] - lam).abs() / lam.abs()).max()) < 1e-6
         assert float(((r["top32"].double() - lam).abs() / lam.abs()).max()) < 1e-3
         assert set(r["errors"]) == {"ggn", "blocks", "full_space", "adaptive", "reverse"}
@@ -358,7 +360,7 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
         assert r0[key] == r1[key], key
     # Eigenvectors: each rank holds its shards; together the exact eigenvectors (up to sign).
     vecs = gather(ranks, "top_vecs")
-    for i in range(3):
+    for i in range(5):
         assert abs(float(vecs[i] @ exact.eigenvectors[:, -1 - i])) > 1 - 1e-6
     assert tuple(r0["top_shapes"][0]) == tuple(r0["top_dicts"][0]["l1.weight"].shape) == (4, 5)
     # Trace and density: the same probes in one process (one-range sharded space), exact products.

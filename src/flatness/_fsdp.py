@@ -346,7 +346,8 @@ class ShardedObjective:
         self.shapes = [p.shape for p in self._params]
         self.numels = [p.numel() for p in self._params]
         self.n = sum(self.numels)
-        self._locals = [p.to_local() for p in self._params]  # type: ignore[attr-defined]
+        with torch.no_grad():
+            self._locals = [p.to_local() for p in self._params]  # type: ignore[attr-defined]
         self.local_shapes = [t.shape for t in self._locals]
         self.local_numels = [t.numel() for t in self._locals]
         self.n_local = sum(self.local_numels)
@@ -458,6 +459,11 @@ class ShardedObjective:
         with model_guard(self.model):
             self.model.train(self.train)
             saved_data = self.data.save_generators()
+            # FSDP may re-point a parameter's local tensor (lazy initialization re-pads the
+            # shards): fetch the views afresh for every pass.
+            self._reshard()
+            with torch.no_grad():
+                self._locals = [p.to_local() for p in self._params]  # type: ignore[attr-defined]
             # The shards are restored from θ₀ when they still equal it (no copy), else a copy.
             with torch.no_grad():
                 pieces = torch.split(self.theta0, self.local_numels)
