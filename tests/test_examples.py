@@ -72,3 +72,12 @@ def test_huggingface_example(tmp_path):
     assert callback.records[-1]["loss"] < callback.records[0]["loss"]
     logged = [h for h in callback.trainer.state.log_history if "flatness/loss" in h]
     assert [h["flatness/top_eigenvalue"] for h in logged] == [r["top_eigenvalue"] for r in callback.records]
+
+
+@pytest.mark.slow
+def test_fsdp_transformer_example():
+    result = load("fsdp_transformer").main(["--ranks", "2", "--layers", "1", "--d-model", "16"])
+    vals, _, converged, _ = result["topk"]
+    assert converged and vals[0] >= vals[1] > 0
+    assert result["eigvec_shard"] == (4, 16)  # rank 0's half of the 8-row head
+    assert len(result["slice"]) == 5 and min(result["slice"]) > 0

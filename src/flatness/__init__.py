@@ -10,7 +10,7 @@ from flatness.landscape import (
     random_direction,
 )
 from flatness.monitor import Monitor
-from flatness.objective import NonFiniteLossError, Objective
+from flatness.objective import NonFiniteLossError, NoSecondDerivativeError, Objective
 from flatness.operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -50,6 +50,7 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "Monitor",
+    "NoSecondDerivativeError",
     "NonFiniteLossError",
     "Objective",
     "SharpnessResult",

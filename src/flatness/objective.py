@@ -19,6 +19,7 @@ after every call (see :mod:`flatness._guard`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -30,12 +31,20 @@ from torch.nn.utils.stateless import _reparametrize_module  # what functional_ca
 
 from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch
+from flatness._fd import (
+    NoSecondDerivativeError,
+    _is_reentrant_checkpoint,
+    check_second_derivatives,
+    explain,
+    fd_step,
+    same_randomness,
+)
 from flatness._guard import model_guard, seed_everything
 from flatness._params import ParamLayout, ParamSpec, alias_map, select_params, unwrap
 from flatness._validate import check_choice, check_seed
 from flatness._validate import check_options as _check_options
 
-__all__ = ["NonFiniteLossError", "Objective", "ParamSpec", "check_options"]
+__all__ = ["NoSecondDerivativeError", "NonFiniteLossError", "Objective", "ParamSpec", "check_options"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
@@ -153,6 +162,11 @@ class Objective:
             ``"reverse"`` (double backward) or ``"auto"`` (currently double backward: it
             measured faster on the CPU benchmarks, and forward-mode AD is missing for some
             ops, e.g. ``F.mse_loss`` under ``jvp(grad)`` in torch 2.13). Both are exact.
+            ``"finite_difference"``: H v ≈ ‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h with
+            h = ε^(1/3) · max(1, ‖θ‖/√n) (:meth:`fd_step`), two gradient passes and no second
+            derivatives, for models whose ops have none (custom ``autograd.Function`` s,
+            reentrant checkpointing); relative error about ε^(2/3) on smooth losses (see
+            :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps).
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
             batches and random augmentations are the same in every pass.
         process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
@@ -177,7 +191,7 @@ class Objective:
         max_batches: int | None = None,
         batch_size: Callable[[Any], int] | None = None,
         dtype: torch.dtype | None = None,
-        hvp_mode: Literal["auto", "forward", "reverse"] = "auto",
+        hvp_mode: Literal["auto", "forward", "reverse", "finite_difference"] = "auto",
         data_seed: int = 0,
         process_group: Any = None,
     ) -> None:
@@ -197,7 +211,7 @@ class Objective:
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
         check_choice("reduction", reduction, ("mean", "sum"))
-        check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse"))
+        check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         if batch_size is not None and not callable(batch_size):
@@ -263,6 +277,13 @@ class Objective:
         # benchmarks/bench_hvp.py: double backward 2.3-2.8x a gradient pass on the CNN, 3.1-4.8x on
         # the MLP; forward-over-reverse 2.9-3.3x and 6.4-8.7x (torch 2.13, CPU).
         self._forward = hvp_mode == "forward"
+        self._fd = hvp_mode == "finite_difference"
+        # Reentrant checkpointing forbids torch.autograd.grad: gradients then come from
+        # loss.backward() into our leaf (found on the first gradient, remembered).
+        self._reentrant = False
+        # Custom autograd.Functions are checked for a differentiable backward on the first
+        # exact HVP pass (a structural property of the model).
+        self._checked_second = False
 
     # ------------------------------------------------------------------ flat <-> dict
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -327,7 +348,9 @@ class Objective:
 
         For operators that need more than the batch loss (outputs, per-sample losses): call
         :meth:`batch_outputs` / :meth:`output_loss` inside. ``theta`` may carry autograd or
-        forward-mode tangents.
+        forward-mode tangents. Forward *and* backward should run inside, so that activation
+        checkpointing, which recomputes the forward during the backward, recomputes it at θ and
+        not at the model's own parameters.
         """
         with _reparametrize_module(self._module, self._state(theta), tie_weights=False, strict=False):
             yield
@@ -449,11 +472,7 @@ class Objective:
         theta = self._theta(theta).detach()
 
         def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.enable_grad():
-                leaf = theta.detach().requires_grad_(True)
-                loss = self._batch_loss(leaf, batch)
-                (g,) = torch.autograd.grad(loss, leaf)
-            return loss, g
+            return self._batch_grad(theta, batch)
 
         self.n_grad += 1
         loss, grad = self._pass(per_batch, "gradient", extra_numel=self.n)
@@ -464,11 +483,83 @@ class Objective:
         """∇L(θ) over one full pass."""
         return self.loss_and_grad(theta)[1]
 
+    def _batch_grad(self, theta: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ℓ_b(θ), ∇ℓ_b(θ)) of one batch."""
+        with same_randomness() as replay:
+            try:
+                return self._batch_grad_once(theta, batch, backward=self._reentrant)
+            except RuntimeError as err:
+                if self._reentrant or not _is_reentrant_checkpoint(err):
+                    raise
+            # Reentrant checkpointing: torch.autograd.grad is not allowed, loss.backward() is.
+            self._reentrant = True
+            replay()
+            return self._batch_grad_once(theta, batch, backward=True)
+
+    def _batch_grad_once(
+        self, theta: torch.Tensor, batch: Any, *, backward: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = theta.detach().requires_grad_(True)
+        with torch.enable_grad(), self.at(leaf):
+            loss = self._scalar_loss(self._module(batch)).reshape(())
+            if backward:
+                loss.backward()
+                g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            else:
+                (g,) = torch.autograd.grad(loss, leaf)
+        return loss.detach(), g
+
     def hvp(self, v: Any, theta: Any = None) -> torch.Tensor:
-        """The Hessian-vector product ∇²L(θ) v over one full pass (exact)."""
+        """The Hessian-vector product ∇²L(θ) v over one full pass (exact unless finite-difference)."""
         v = self._as_vector(v, "v")
         theta = self._theta(theta).detach()
+        if self._fd:
+            return self._fd_hvp(v, theta)
         return self._hvp(v, theta, forward=self._forward)
+
+    def _compute_eps(self) -> float:
+        """Machine epsilon of the least precise dtype the gradients are computed in."""
+        dtypes = [self._cast] if self._cast is not None else self._param_dtypes
+        return max(torch.finfo(d).eps for d in dtypes)  # type: ignore[arg-type]
+
+    def fd_step(self, theta: Any = None) -> float:
+        """The finite-difference step h = ε^(1/3) · max(1, ‖θ‖/√n) along a unit vector.
+
+        ε is the machine epsilon of the dtype the gradients are computed in (the lowest
+        precision among θ's parameters, or ``dtype``). See :mod:`flatness._fd` for the bound.
+        """
+        theta = self._theta(theta)
+        norm = float(torch.linalg.vector_norm(theta, dtype=torch.float64))
+        return fd_step(norm, self.n, self._compute_eps())
+
+    def _fd_hvp(self, v: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h, differenced batch by batch."""
+        vnorm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+        if not math.isfinite(vnorm):
+            raise ValueError("v: the vector has non-finite entries")
+        self.n_hvp += 1
+        if vnorm == 0.0:
+            return torch.zeros_like(theta)
+        h = self.fd_step(theta)
+        step = v * (h / vnorm)
+        plus, minus = theta + step, theta - step
+        del step
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            # Both gradients see the same random numbers (dropout, augmentation). Their
+            # difference is formed per batch, before the sum over batches, so that the sum
+            # does not carry the gradients' magnitude (a correctly rounded subtraction adds an
+            # error relative to the difference only).
+            with same_randomness() as replay:
+                loss, g_plus = self._batch_grad(plus, batch)
+                replay()
+                _, g_minus = self._batch_grad(minus, batch)
+            g_plus.sub_(g_minus)
+            return loss, g_plus
+
+        diff = self._pass(per_batch, "finite-difference Hessian-vector product", extra_numel=self.n)[1]
+        assert diff is not None
+        return diff.mul_(vnorm / (2.0 * h))
 
     def _hvp(self, v: torch.Tensor, theta: torch.Tensor, *, forward: bool) -> torch.Tensor:
         if forward:
@@ -482,23 +573,38 @@ class Objective:
                 return loss, hv
 
         else:
+            check = not self._checked_second
 
             def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-                with torch.enable_grad(), _math_attention():
-                    leaf = theta.detach().requires_grad_(True)
-                    loss = self._batch_loss(leaf, batch)
+                leaf = theta.detach().requires_grad_(True)
+                with torch.enable_grad(), _math_attention(), self.at(leaf):
+                    loss = self._scalar_loss(self._module(batch)).reshape(())
+                    if check:
+                        check_second_derivatives(loss)
                     (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
                     (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v)
                 return loss, hv
 
         self.n_hvp += 1
-        hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
+        try:
+            hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
+        except (RuntimeError, NotImplementedError) as err:
+            clear = explain(err, "forward" if forward else "reverse")
+            if clear is None:
+                raise
+            if clear is err:
+                raise
+            raise clear from err
+        if not forward:
+            self._checked_second = True
         assert hv is not None
         return hv
 
     @property
     def hvp_mode_used(self) -> str:
-        """The HVP mode in use: "forward" or "reverse" (what ``"auto"`` resolved to)."""
+        """The HVP mode in use: "forward", "reverse" or "finite_difference" ("auto" resolved)."""
+        if self._fd:
+            return "finite_difference"
         return "forward" if self._forward else "reverse"
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatness._fsdp import ShardedObjective, make_objective, unsupported
 from flatness._guard import model_guard
 from flatness._progress import Progress, ProgressArg
 from flatness._validate import check_int, check_positive, check_seed
@@ -221,6 +222,28 @@ def _subspace_matrix(
     return a64.to(obj.dtype), pinv_x
 
 
+def _sharded_subspace(
+    subspace: Any, obj: ShardedObjective, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A's local rows (n_local, p), A⁺x = Aᵀx) of a random orthonormal A for a sharded model.
+
+    A's columns are p Gaussian vectors drawn by the objective's :class:`ShardedVectorSpace`
+    (each rank its rows), orthonormalized by CholeskyQR2 (one p×p reduction each time).
+    """
+    if subspace is None or not (isinstance(subspace, (int, np.integer)) and not isinstance(subspace, bool)):
+        raise ValueError(
+            "subspace: for a model sharded with fully_shard pass an int p (a random p-dimensional "
+            "subspace; Keskar et al. used p = 100): the full-space box maximization (L-BFGS-B) "
+            f"and a given n×p matrix need whole vectors in one process; got {type(subspace).__name__}"
+        )
+    p = int(subspace)
+    if not 1 <= p <= obj.n:
+        raise ValueError(f"subspace: got p={p}; expected 1 <= p <= n = {obj.n} (the number of parameters)")
+    q = obj.space.orthonormalize(obj.space.randn(generator, p).double())  # (p, n_local)
+    center = obj.space.coeffs(q, obj.theta0.double()).cpu()
+    return q.T.to(obj.dtype), center
+
+
 # ---------------------------------------------------------------------------- Keskar
 def sharpness(
     model: nn.Module,
@@ -298,9 +321,19 @@ def sharpness(
     max_evals = _max_evals(max_evals, max_iter)
     check_seed(seed)
     with model_guard(model):
-        obj = Objective(model, loss_fn, data, **options)
+        obj = make_objective(model, loss_fn, data, **options)
         generator = torch.Generator().manual_seed(int(seed))
-        if subspace is None:
+        if isinstance(obj, ShardedObjective):
+            a, center = _sharded_subspace(subspace, obj, generator)
+            rows = a.T  # (p, n_local): the coefficients Aᵀg are inner products, summed over ranks
+            p = a.shape[1]
+            evaluator = _Evaluator(
+                obj,
+                Progress(progress, total=None, desc="sharpness"),
+                forward=lambda y: a @ y,
+                adjoint=lambda g: obj.space.coeffs(rows, g),
+            )
+        elif subspace is None:
             a, center, p = None, obj.theta0.to(torch.float64), None
             evaluator = _Evaluator(obj, Progress(progress, total=None, desc="sharpness"))
         else:
@@ -437,6 +470,12 @@ def adaptive_sharpness(
     max_evals = _max_evals(max_evals, max_iter)
     check_seed(seed)
     with model_guard(model):
+        unsupported(
+            "model",
+            model,
+            "adaptive_sharpness maximizes over whole vectors in one process; use "
+            "sharpness(..., subspace=p) or average_sharpness",
+        )
         obj = Objective(model, loss_fn, data, **options)
         c = _scale(obj, adaptive, eta)
         generator = torch.Generator().manual_seed(int(seed))
@@ -540,7 +579,7 @@ def average_sharpness(
     check_int("n_samples", n_samples, 1)
     check_seed(seed)
     with model_guard(model):
-        obj = Objective(model, loss_fn, data, **options)
+        obj = make_objective(model, loss_fn, data, **options)
         c = _scale(obj, adaptive, eta)
         generator = torch.Generator().manual_seed(int(seed))
         bar = Progress(progress, total=n_samples, desc="average_sharpness")
@@ -548,7 +587,10 @@ def average_sharpness(
             loss0 = float(obj.loss())
             gains = []
             for _ in range(n_samples):
-                noise = torch.randn(obj.n, generator=generator, dtype=torch.float64)
+                if isinstance(obj, ShardedObjective):  # this rank's entries (Philox by entry)
+                    noise = obj.space.randn(generator)
+                else:
+                    noise = torch.randn(obj.n, generator=generator, dtype=torch.float64)
                 delta = float(rho) * c * noise.to(device=obj.device, dtype=obj.dtype)
                 gains.append(float(obj.loss(obj.theta0 + delta)) - loss0)
                 bar.update(gain=gains[-1])

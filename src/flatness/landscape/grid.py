@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatness import _fsdp as fsdp
+from flatness._fsdp import ShardedObjective
 from flatness._guard import model_guard
 from flatness._progress import Progress, ProgressArg
 from flatness.landscape.directions import (
@@ -108,6 +110,16 @@ def _prepare_direction(
     params: Any,
     what: str,
 ) -> dict[str, torch.Tensor]:
+    if isinstance(obj, ShardedObjective):
+        # An FSDP model: directions are this rank's shards (local vectors), drawn and
+        # normalized without ever forming a whole vector.
+        if direction is None:
+            return fsdp.random_direction(obj, normalization=normalization, ignore_1d=ignore_1d, seed=seed)
+        if isinstance(direction, Mapping):
+            vec = obj.flatten(dict(direction))
+        else:
+            vec = obj._as_vector(torch.as_tensor(direction), what)
+        return fsdp.normalize_local(obj, vec, normalization, ignore_1d)
     if direction is None:
         return random_direction(
             model, normalization=normalization, ignore_1d=ignore_1d, seed=seed, params=params
@@ -314,7 +326,8 @@ def _run_grid(obj: Objective, grid: _Grid, run: _Evaluation) -> LandscapeResult:
 
 
 def _objective(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> Objective:
-    return Objective(model, loss_fn, data, **options)
+    # A model sharded with fully_shard gets a ShardedObjective (same methods, local vectors).
+    return fsdp.make_objective(model, loss_fn, data, **options)
 
 
 def landscape_1d(

@@ -63,7 +63,9 @@ class CurvatureOperator:
             raise TypeError(f"{type(self).__name__}: unexpected option {unknown[0]!r}")
         self.objective = objective
         self.theta = objective.theta0 if theta is None else objective._as_vector(theta, "theta").detach()
-        self.space = VectorSpace(objective.n, dtype=objective.dtype, device=objective.device)
+        # A sharded objective (an FSDP model) brings its own space: vectors are local shards.
+        space = getattr(objective, "space", None)
+        self.space = space or VectorSpace(objective.n, dtype=objective.dtype, device=objective.device)
         self.n_matvec = 0
         self._own = dict(own)
         self._init(**own)

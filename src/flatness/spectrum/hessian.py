@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from flatness._fsdp import unsupported
 from flatness._guard import model_guard
 from flatness._progress import ProgressArg
 from flatness._validate import check_choice, check_positive
@@ -172,6 +173,7 @@ def parameter_blocks(model: nn.Module, names: list[str], blocks: Blocks) -> dict
 
 
 def _per_block(op: CurvatureOperator, blocks: Blocks, fn: Callable[[CurvatureOperator], Any]) -> BlockSpectra:
+    unsupported("blocks", op.objective.model, "call the function once per parameter selection (params=)")
     groups = parameter_blocks(op.objective.model, op.objective.names, blocks)
     results = {name: fn(op.block(list(members))) for name, members in groups.items()}
     return BlockSpectra(results, groups, sum(r.n_matvec for r in results.values()))
@@ -297,10 +299,12 @@ def hessian_topk(
                 progress=progress,
             )
             obj = o.objective
+            # A sharded (FSDP) model's eigenvectors are this rank's shards: their shapes.
+            shapes = getattr(obj, "local_shapes", obj.shapes)
             return HessianTopK(
                 **_fields(res),
                 names=tuple(obj.names),
-                shapes=tuple(tuple(s) for s in obj.shapes),
+                shapes=tuple(tuple(s) for s in shapes),
                 curvature=curvature,
             )
 

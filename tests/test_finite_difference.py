@@ -1,0 +1,271 @@
+"""hvp_mode="finite_difference" against dense float64 Hessians; clear errors where double backward fails."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.utils.checkpoint as cp
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+import flatness
+from conftest import (
+    assert_untouched,
+    classification_data,
+    dense_hessian_oracle,
+    image_data,
+    make_cnn,
+    snapshot,
+    split,
+)
+from flatness import NoSecondDerivativeError, Objective
+from test_objective import CASES as CASES_FOR_FD
+
+F = nn.functional
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c == "attention" else c for c in CASES_FOR_FD],
+)
+def test_fd_hvp_matches_dense_hessian_float64(case):
+    make_model, loss_fn, make_data = CASES_FOR_FD[case]
+    model = make_model()
+    x, y = make_data()
+    batches = split(x, y, [len(x) // 2, len(x) - len(x) // 2])
+    obj = Objective(model, loss_fn, batches, hvp_mode="finite_difference")
+    assert obj.hvp_mode_used == "finite_difference"
+    _, _, hess = dense_hessian_oracle(model, loss_fn, x, y, names=obj.names)
+    before = snapshot(model)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-3, 1e4):  # the step is along v/‖v‖: any ‖v‖ gives the same accuracy
+        v = scale * torch.randn(obj.n, generator=gen, dtype=torch.float64)
+        assert rel(obj.hvp(v), hess @ v) < 1e-8
+    assert obj.n_hvp == 3 and obj.n_grad == 0
+    assert torch.equal(
+        obj.hvp(torch.zeros(obj.n, dtype=torch.float64)), torch.zeros(obj.n, dtype=torch.float64)
+    )
+    assert_untouched(model, before)
+
+
+def test_fd_step_rule():
+    torch.manual_seed(0)
+    model = nn.Linear(30, 20)
+    with torch.no_grad():
+        model.weight.mul_(40.0)  # ‖θ‖/√n > 1: the step grows with the parameters
+    data = (torch.randn(8, 30), torch.randn(8, 20))
+    obj = Objective(model, F.mse_loss, data, hvp_mode="finite_difference")
+    norm = float(obj.theta0.double().norm())
+    assert norm / math.sqrt(obj.n) > 1
+    eps32 = torch.finfo(torch.float32).eps
+    assert obj.fd_step() == pytest.approx(eps32 ** (1 / 3) * norm / math.sqrt(obj.n), rel=1e-12)
+    small = obj.theta0 * 1e-3
+    assert obj.fd_step(small) == pytest.approx(eps32 ** (1 / 3), rel=1e-12)
+    # Gradients computed in float64 (dtype=): ε of float64.
+    obj64 = Objective(model, F.mse_loss, data, hvp_mode="finite_difference", dtype=torch.float64)
+    assert obj64.fd_step(small.double()) == pytest.approx(torch.finfo(torch.float64).eps ** (1 / 3))
+
+
+def _mlp(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound", "tol"), [(torch.float64, 1e-6, 1e-8), (torch.float32, 1e-3, 1e-4)]
+)
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_fd_top5_eigenvalues_match_dense_oracle(net, dtype, bound, tol):
+    if net == "mlp":
+        model = _mlp(dtype)
+        x, y = classification_data(40, d=4)
+    else:
+        model = make_cnn(2, dtype=dtype)
+        x, y = image_data(16)
+    x = x.to(dtype)
+    _, _, hess = dense_hessian_oracle(model, F.cross_entropy, x, y)  # float64 of the same weights
+    exact = torch.linalg.eigvalsh(hess).flip(0)[:5]
+    before = snapshot(model)
+    res = flatness.hessian_topk(
+        model,
+        F.cross_entropy,
+        split(x, y, [len(x) // 2, len(x) - len(x) // 2]),
+        k=5,
+        tol=tol,
+        hvp_mode="finite_difference",
+    )
+    assert res.converged
+    assert float(((res.eigenvalues.double() - exact).abs() / exact.abs()).max()) < bound
+    assert_untouched(model, before)
+
+
+# ---------------------------------------------------------------------------- no second derivative
+class OnceSoftplus(torch.autograd.Function):
+    """softplus with a backward marked @once_differentiable (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.softplus(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x)
+
+
+class NoAutogradSoftplus(torch.autograd.Function):
+    """softplus whose backward runs without autograd: its second derivative would silently be 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.softplus(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            return g * torch.sigmoid(x)
+
+
+class Net(nn.Module):
+    def __init__(self, act: str = "plain"):
+        super().__init__()
+        self.l1 = nn.Linear(4, 6)
+        self.l2 = nn.Linear(6, 5)
+        self.l3 = nn.Linear(5, 3)
+        self.act = act
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.act == "once":
+            h = OnceSoftplus.apply(h)
+        elif self.act == "no_autograd":
+            h = NoAutogradSoftplus.apply(h)
+        elif self.act in ("reentrant", "nonreentrant"):
+            # The checkpointed segment holds parameters (l2): recomputed during the backward.
+            return self.l3(
+                cp.checkpoint(
+                    lambda t: torch.tanh(self.l2(F.softplus(t))), h, use_reentrant=self.act == "reentrant"
+                )
+            )
+        else:
+            h = F.softplus(h)
+        return self.l3(torch.tanh(self.l2(h)))
+
+
+def _net_problem(act):
+    torch.manual_seed(0)
+    plain = Net().double()
+    model = copy.deepcopy(plain)
+    model.act = act
+    x, y = classification_data(12, d=4)
+    return plain, model, x, y
+
+
+@pytest.mark.parametrize("act", ["once", "no_autograd", "reentrant"])
+def test_models_without_second_derivative(act):
+    plain, model, x, y = _net_problem(act)
+    _, _, hess = dense_hessian_oracle(plain, F.cross_entropy, x, y)
+    data = split(x, y, [5, 7])
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(hess.shape[0], generator=gen, dtype=torch.float64)
+    before = snapshot(model)
+    # Finite differences need gradients only: they work, also away from θ₀.
+    fd = Objective(model, F.cross_entropy, data, hvp_mode="finite_difference")
+    assert rel(fd.hvp(v), hess @ v) < 1e-8
+    theta = fd.theta0 + 0.2 * torch.randn(fd.n, generator=gen, dtype=torch.float64)
+    ref = Objective(plain, F.cross_entropy, data)
+    assert rel(fd.grad(theta), ref.grad(theta)) < 1e-12
+    assert rel(fd.hvp(v, theta), ref.hvp(v, theta)) < 1e-8
+    top = flatness.hessian_topk(model, F.cross_entropy, data, k=2, tol=1e-8, hvp_mode="finite_difference")
+    exact = torch.linalg.eigvalsh(hess).flip(0)[:2]
+    assert float(((top.eigenvalues - exact).abs() / exact).max()) < 1e-6
+    # The exact modes raise an error that names the finite-difference mode.
+    for mode in ("auto", "reverse", "forward"):
+        with pytest.raises(NoSecondDerivativeError, match='hvp_mode="finite_difference"'):
+            Objective(model, F.cross_entropy, data, hvp_mode=mode).hvp(v)
+    with pytest.raises(NoSecondDerivativeError, match="finite_difference"):
+        flatness.hessian_topk(model, F.cross_entropy, data, k=1)
+    assert_untouched(model, before)
+
+
+def test_error_messages_say_why():
+    _, once, x, y = _net_problem("once")
+    v = torch.ones(sum(p.numel() for p in once.parameters()), dtype=torch.float64)
+    with pytest.raises(NoSecondDerivativeError, match=r"OnceSoftplus.*not differentiable"):
+        Objective(once, F.cross_entropy, (x, y)).hvp(v)
+    _, reentrant, x, y = _net_problem("reentrant")
+    with pytest.raises(NoSecondDerivativeError, match="reentrant activation checkpointing"):
+        Objective(reentrant, F.cross_entropy, (x, y)).hvp(v)
+
+
+def test_checkpointed_gradients_are_taken_at_theta_not_at_the_model():
+    """Activation checkpointing recomputes the forward in the backward: it must see θ."""
+    plain, model, x, y = _net_problem("nonreentrant")
+    ref = Objective(plain, F.cross_entropy, (x, y))
+    obj = Objective(model, F.cross_entropy, (x, y))
+    gen = torch.Generator().manual_seed(2)
+    theta = ref.theta0 + 0.3 * torch.randn(ref.n, generator=gen, dtype=torch.float64)
+    v = torch.randn(ref.n, generator=gen, dtype=torch.float64)
+    assert rel(obj.grad(theta), ref.grad(theta)) < 1e-12
+    assert rel(obj.hvp(v, theta), ref.hvp(v, theta)) < 1e-12
+    # Reentrant checkpointing: first-order gradients still work (by loss.backward()).
+    _, reentrant, _, _ = _net_problem("reentrant")
+    assert rel(Objective(reentrant, F.cross_entropy, (x, y)).grad(theta), ref.grad(theta)) < 1e-12
+    before = snapshot(reentrant)
+    flatness.sharpness(reentrant, F.cross_entropy, (x, y), epsilon=1e-2, max_iter=2)
+    assert_untouched(reentrant, before)
+
+
+def test_fd_in_train_mode_replays_dropout_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = classification_data(20, d=4)
+    data = split(x, y, [7, 7, 6])
+    v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    exact = Objective(model, F.cross_entropy, data, train=True).hvp(v)
+    fd = Objective(model, F.cross_entropy, data, train=True, hvp_mode="finite_difference").hvp(v)
+    assert rel(fd, exact) < 1e-8
+
+
+def test_fd_leaves_the_model_untouched_when_a_pass_raises():
+    torch.manual_seed(0)
+    model = _mlp(torch.float64)
+    x, y = classification_data(10, d=4)
+    bad_y = y.clone()
+    bad_y[-1] = 7  # out of range in the second batch: the loss raises mid-pass
+
+    before = snapshot(model)
+    obj = Objective(model, F.cross_entropy, split(x, bad_y, [5, 5]), hvp_mode="finite_difference")
+    with pytest.raises(IndexError):
+        obj.hvp(torch.ones(obj.n, dtype=torch.float64))
+    assert_untouched(model, before)
+
+
+def test_fd_error_bound_holds_in_float32():
+    """‖FD − exact‖ ≤ ε^(2/3)-sized bound, per unit ‖v‖, on a smooth problem."""
+    model = _mlp(torch.float32)
+    x, y = classification_data(30, d=4, dtype=torch.float32)
+    obj = Objective(model, F.cross_entropy, (x, y), hvp_mode="finite_difference")
+    _, grad, hess = dense_hessian_oracle(model, F.cross_entropy, x, y)
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.finfo(torch.float32).eps
+    for _ in range(3):
+        v = torch.randn(obj.n, generator=gen)
+        err = float((obj.hvp(v).double() - hess @ v.double()).norm() / v.norm())
+        # Rounding term ε‖∇L‖/h plus ε^(2/3)·‖H‖ (truncation and rounding of θ ± h v̂).
+        h = obj.fd_step()
+        bound = 10 * (
+            eps * float(grad.norm()) / h + eps ** (2 / 3) * float(torch.linalg.matrix_norm(hess, 2))
+        )
+        assert err < bound

@@ -1,0 +1,397 @@
+"""FSDP2 (fully_shard, DTensor parameters): 2 gloo ranks against the unsharded model in one process.
+
+Each rank uses one thread, seeds the global RNG before building its model, and receives the
+unsharded model's state_dict, so both sides hold the same parameters. Ranks hold unequal data
+shards (17 and 13 samples in batches of 5: 4 and 3 batches), so the rank with fewer batches
+must take part in the other's extra FSDP step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+F = nn.functional
+N_SAMPLES = 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Net(nn.Module):
+    """An MLP with a BatchNorm (buffers) and rows that do not split evenly over 2 ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(5, 7)
+        self.bn = nn.BatchNorm1d(7)
+        self.l2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.bn(self.l1(x))))
+
+
+def make_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def make_data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_SAMPLES, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (N_SAMPLES,), generator=g)
+    return x, y
+
+
+def batches(x, y):
+    return [(x[i : i + 5], y[i : i + 5]) for i in range(0, len(x), 5)]
+
+
+def shard(x, y, rank):
+    lo, hi = (0, 17) if rank == 0 else (17, N_SAMPLES)
+    return batches(x[lo:hi], y[lo:hi])
+
+
+def shard_model(model, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model.l1, mesh=mesh)
+    fully_shard(model.l2, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_state(model):
+    """Everything a call must leave as it was: local shards, their grads, buffers, modes."""
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = p.to_local().detach().clone()
+        out[n + ".grad"] = None if p.grad is None else p.grad.to_local().detach().clone()
+    for n, b in model.named_buffers():
+        out[n] = b.detach().clone()
+    out["modes"] = [m.training for m in model.modules()]
+    out["rng"] = torch.get_rng_state()
+    return out
+
+
+def same_state(a, b):
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if x is None or y is None or not (torch.equal(x, y) and x.dtype == y.dtype):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _core(rank, state_dict):
+    from flatness._fsdp import ShardedObjective, ShardedVectorSpace
+
+    model = make_model()
+    model.load_state_dict(state_dict)
+    model = shard_model(model, 2)
+    x, y = make_data()
+    data = shard(x, y, rank)
+    out = {}
+    # A user's gradients already present (from a backward in eval mode) must survive.
+    model.eval()
+    F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    before = local_state(model)
+    for train in (False, True):
+        obj = ShardedObjective(model, F.cross_entropy, data, train=train)
+        key = "train_" if train else ""
+        out["ranges"] = obj.space.ranges
+        out["n"] = obj.n
+        out[key + "loss"] = obj.loss()
+        out[key + "loss_g"], out[key + "grad"] = obj.loss_and_grad()
+        gen = torch.Generator().manual_seed(5)
+        v = obj.space.randn(gen, 1)[0]
+        out[key + "v"] = v
+        out[key + "hvp"] = obj.hvp(v)
+        theta = obj.theta0 + 0.1 * obj.space.randn(gen, 1)[0]
+        out[key + "theta"] = theta
+        out[key + "loss_at"] = obj.loss(theta)
+        out[key + "grad_at"] = obj.grad(theta)
+        out[key + "hvp_at"] = obj.hvp(v, theta)
+        dirs = obj.space.randn(torch.Generator().manual_seed(6), 2)
+        out[key + "dirs"] = dirs
+        coords = torch.tensor([[0.0, 0.0], [0.5, -0.2], [-1.0, 0.3]], dtype=torch.float64)
+        out[key + "many"] = obj.evaluate_many(coords, directions=dirs)[0]
+        out[key + "n_passes"] = obj.n_passes
+    out["untouched"] = same_state(before, local_state(model))
+    # Random draws: each rank's entries of the vectors a single process draws.
+    space = obj.space
+    out["randn"] = space.randn(torch.Generator().manual_seed(3), 3)
+    out["signs"] = space.rademacher(torch.Generator().manual_seed(3), 2)
+    out["dot"] = space.dot(out["randn"][0], out["randn"][1])
+    out["coeffs"] = space.coeffs(out["randn"], out["randn"][2])
+    # A loss that raises mid-pass on both ranks: every shard, grad and buffer restored.
+    calls = {"n": 0}
+
+    def failing(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return F.cross_entropy(outputs, targets)
+
+    bad = ShardedObjective(model, failing, data, train=True)
+    try:
+        bad.hvp(torch.ones(bad.n_local, dtype=torch.float64))
+    except RuntimeError as err:
+        out["raised"] = str(err)
+    out["untouched_after_error"] = same_state(before, local_state(model))
+    del ShardedVectorSpace
+    return out
+
+
+def _sharded(state_dict, dtype=torch.float64):
+    model = make_model(dtype)
+    model.load_state_dict(state_dict)
+    return shard_model(model, 2)
+
+
+def _model_level(rank, state_dicts):
+    import flatness
+    from flatness._fsdp import ShardedObjective
+
+    x, y = make_data()
+    data = shard(x, y, rank)
+    model = _sharded(state_dicts["a"])
+    model.eval()
+    before = local_state(model)
+    out = {}
+    fd = {"hvp_mode": "finite_difference"}
+    top = flatness.hessian_topk(model, F.cross_entropy, data, k=5, tol=1e-8, **fd)
+    out["top_vals"], out["top_vecs"], out["top_conv"] = top.eigenvalues, top.eigenvectors, top.converged
+    out["top_shapes"] = top.shapes
+    out["top_dicts"] = top.eigenvector_dicts()
+    out["trace"] = flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=12, seed=3).estimate
+    dens = flatness.hessian_density(model, F.cross_entropy, data, n_runs=2, n_steps=6, seed=4)
+    out["nodes"], out["weights"] = dens.nodes, dens.weights
+    sharp = flatness.sharpness(model, F.cross_entropy, data, epsilon=1e-2, subspace=4, max_iter=3, seed=5)
+    out["sharp"], out["sharp_loss"] = sharp.value, sharp.loss
+    obj = ShardedObjective(model, F.cross_entropy, data)
+    from flatness.sharpness import _sharded_subspace
+
+    out["sharp_A"] = _sharded_subspace(4, obj, torch.Generator().manual_seed(5))[0].T  # (p, n_local)
+    out["avg"] = flatness.average_sharpness(model, F.cross_entropy, data, rho=0.05, n_samples=3, seed=6).value
+    c = torch.linspace(-0.5, 0.5, 3)
+    land = flatness.landscape_2d(model, F.cross_entropy, data, alphas=c, betas=c[:2], seed=2)
+    out["land"] = land.loss
+    out["land_dirs"] = torch.stack([obj.flatten(d) for d in land.directions])
+    line = flatness.landscape_1d(
+        model, F.cross_entropy, data, alphas=c, normalization="layer", ignore_1d=False, seed=8
+    )
+    out["line"], out["line_dir"] = line.loss, obj.flatten(line.directions[0])
+    model_b = _sharded(state_dicts["b"])
+    out["interp"] = flatness.interpolate(model, model_b, F.cross_entropy, data, alphas=c).loss
+    errors = {}
+    for key, call in {
+        "ggn": lambda: flatness.hessian_topk(model, F.cross_entropy, data, curvature="ggn"),
+        "blocks": lambda: flatness.hessian_trace(model, F.cross_entropy, data, blocks="module"),
+        "full_space": lambda: flatness.sharpness(model, F.cross_entropy, data),
+        "adaptive": lambda: flatness.adaptive_sharpness(model, F.cross_entropy, data, rho=0.1),
+        "reverse": lambda: flatness.hessian_topk(model, F.cross_entropy, data, hvp_mode="reverse"),
+    }.items():
+        try:
+            call()
+        except ValueError as err:
+            errors[key] = str(err)
+    out["errors"] = errors
+    out["untouched"] = same_state(before, local_state(model))
+    # float32: the finite-difference eigenvalues within 1e-3 of the exact ones.
+    m32 = _sharded({k: v.float() for k, v in state_dicts["a"].items()}, torch.float32)
+    data32 = [(xb.float(), yb) for xb, yb in data]
+    out["top32"] = flatness.hessian_topk(m32, F.cross_entropy, data32, k=5, tol=1e-4).eigenvalues
+    out["ranges"] = obj.space.ranges
+    out["n"] = obj.n
+    return out
+
+
+def _worker(rank, port, tmp, what, payload):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        result = {"core": _core, "model_level": _model_level}[what](rank, payload)
+        torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, what, payload):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), what, payload), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def gather(ranks, key):
+    """The full vector from the ranks' local vectors and ranges."""
+    n = ranks[0]["n"]
+    full = torch.full((n,) if ranks[0][key].ndim == 1 else (ranks[0][key].shape[0], n), float("nan"))
+    full = full.double()
+    for r in ranks:
+        pos = 0
+        for a, b in r["ranges"]:
+            full[..., a:b] = r[key][..., pos : pos + b - a]
+            pos += b - a
+    return full
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_sharded_objective_equals_one_process(tmp_path):
+    import flatness
+    from flatness._fsdp import ShardedVectorSpace
+
+    model = make_model()
+    ranks = run_ranks(tmp_path, "core", model.state_dict())
+    x, y = make_data()
+    for r in ranks:
+        assert r["untouched"] and r["untouched_after_error"]
+        assert r["raised"] == "boom"
+    # Every rank holds a distinct piece; together all n entries.
+    covered = sorted(rng for r in ranks for rng in r["ranges"])
+    assert sum(b - a for a, b in covered) == ranks[0]["n"]
+    for key in ("randn", "signs", "grad", "v"):
+        assert not torch.isnan(gather(ranks, key)).any()
+    # Random vectors: the ranks' entries are those of the one-process draw (Philox by entry).
+    one = ShardedVectorSpace([(0, ranks[0]["n"])], ranks[0]["n"], dtype=torch.float64)
+    assert torch.equal(gather(ranks, "randn"), one.randn(torch.Generator().manual_seed(3), 3))
+    assert torch.equal(gather(ranks, "signs"), one.rademacher(torch.Generator().manual_seed(3), 2))
+    full = gather(ranks, "randn")
+    for r in ranks:
+        assert r["dot"] == pytest.approx(float(full[0] @ full[1]), rel=1e-12)
+        assert torch.allclose(r["coeffs"], full @ full[2], rtol=1e-12)
+    for train in (False, True):
+        key = "train_" if train else ""
+        # The same batches as the ranks' (train-mode BatchNorm uses per-batch statistics).
+        obj = flatness.Objective(model, F.cross_entropy, shard(x, y, 0) + shard(x, y, 1), train=train)
+        v = gather(ranks, key + "v")
+        theta = gather(ranks, key + "theta")
+        dirs = gather(ranks, key + "dirs")
+        for r in ranks:
+            assert float(r[key + "loss"]) == pytest.approx(float(obj.loss()), rel=1e-12)
+            assert float(r[key + "loss_g"]) == pytest.approx(float(obj.loss()), rel=1e-12)
+            assert float(r[key + "loss_at"]) == pytest.approx(float(obj.loss(theta)), rel=1e-12)
+            coords = torch.tensor([[0.0, 0.0], [0.5, -0.2], [-1.0, 0.3]], dtype=torch.float64)
+            many = obj.evaluate_many(coords, directions=dirs)[0]
+            assert torch.allclose(r[key + "many"], many, rtol=1e-12)
+        assert rel(gather(ranks, key + "grad"), obj.grad()) < 1e-12
+        assert rel(gather(ranks, key + "grad_at"), obj.grad(theta)) < 1e-12
+        # Finite differences against the exact product (float64: ~1e-10).
+        assert rel(gather(ranks, key + "hvp"), obj.hvp(v)) < 1e-8
+        assert rel(gather(ranks, key + "hvp_at"), obj.hvp(v, theta)) < 1e-8
+
+
+class _OneProcess:
+    """The unsharded model's exact Hessian with the sharded space's random vectors (one range)."""
+
+    def __init__(self, obj):
+        from flatness._fsdp import ShardedVectorSpace
+
+        self.obj = obj
+        self.shape = (obj.n, obj.n)
+        self.dtype, self.device = obj.dtype, obj.device
+        self.space = ShardedVectorSpace([(0, obj.n)], obj.n, dtype=obj.dtype)
+
+    def matvec(self, v):
+        return self.obj.hvp(v)
+
+
+@pytest.mark.slow
+def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
+    import flatness
+    from flatness.algorithms import slq_density, trace_estimate
+    from flatness.sharpness import _Evaluator  # noqa: F401  (the same module is used by the ranks)
+
+    model = make_model()
+    torch.manual_seed(1)
+    model_b = make_model()
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ranks = run_ranks(tmp_path, "model_level", {"a": model.state_dict(), "b": model_b.state_dict()})
+    x, y = make_data()
+    data = shard(x, y, 0) + shard(x, y, 1)  # the same batches as the two ranks together
+    obj = flatness.Objective(model, F.cross_entropy, data)
+    one = _OneProcess(obj)
+    hess = torch.stack([obj.hvp(e) for e in torch.eye(obj.n, dtype=torch.float64)])
+    exact = torch.linalg.eigh((hess + hess.T) / 2)
+    r0, r1 = ranks
+    for r in ranks:
+        assert r["untouched"], "the sharded model was changed"
+        assert r["top_conv"]
+        # Finite differences on 2 ranks: the top 5 within 1e-6 of the dense oracle in float64,
+        # within 1e-3 in float32.
+        lam = exact.eigenvalues.flip(0)[:5]
+        assert float(((r["top_vals"] - lam).abs() / lam.abs()).max()) < 1e-6
+        assert float(((r["top32"].double() - lam).abs() / lam.abs()).max()) < 1e-3
+        assert set(r["errors"]) == {"ggn", "blocks", "full_space", "adaptive", "reverse"}
+        assert "fully_shard" in r["errors"]["ggn"] and "pass an int p" in r["errors"]["full_space"]
+    # Every rank returns the same numbers.
+    for key in ("top_vals", "nodes", "weights", "land", "line", "interp", "top32"):
+        assert torch.equal(torch.as_tensor(r0[key]), torch.as_tensor(r1[key])), key
+    for key in ("trace", "sharp", "avg"):
+        assert r0[key] == r1[key], key
+    # Eigenvectors: each rank holds its shards; together the exact eigenvectors (up to sign).
+    vecs = gather(ranks, "top_vecs")
+    for i in range(5):
+        assert abs(float(vecs[i] @ exact.eigenvectors[:, -1 - i])) > 1 - 1e-6
+    assert tuple(r0["top_shapes"][0]) == tuple(r0["top_dicts"][0]["l1.weight"].shape) == (4, 5)
+    # Trace and density: the same probes in one process (one-range sharded space), exact products.
+    trace = trace_estimate(one, method="hutch++", n_matvec=12, seed=3).estimate
+    assert r0["trace"] == pytest.approx(trace, rel=1e-7)
+    dens = slq_density(one, n_runs=2, n_steps=6, seed=4)
+    assert torch.allclose(r0["nodes"], dens.nodes, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(r0["weights"], dens.weights, rtol=1e-6, atol=1e-9)
+    # Keskar sharpness in the ranks' subspace: the same as one process given that matrix.
+    A = gather(ranks, "sharp_A")  # (p, n)
+    single = flatness.sharpness(model, F.cross_entropy, data, epsilon=1e-2, subspace=A.T, max_iter=3, seed=5)
+    assert r0["sharp_loss"] == pytest.approx(single.loss, rel=1e-12)
+    assert r0["sharp"] == pytest.approx(single.value, rel=1e-6)
+    # Average sharpness: the same draws (one-range space, same generator) in one process.
+    gen = torch.Generator().manual_seed(6)
+    c_scale = obj.theta0.abs()
+    gains = [
+        float(obj.loss(obj.theta0 + 0.05 * c_scale * one.space.randn(gen))) - float(obj.loss())
+        for _ in range(3)
+    ]
+    assert r0["avg"] == pytest.approx(sum(gains) / 3, rel=1e-9)
+    # Landscapes along the ranks' directions, and the interpolation, in one process.
+    c = torch.linspace(-0.5, 0.5, 3)
+    dirs = gather(ranks, "land_dirs")
+    land = flatness.landscape_2d(
+        model, F.cross_entropy, data, alphas=c, betas=c[:2], directions=[dirs[0], dirs[1]], normalization=None
+    )
+    assert torch.allclose(torch.as_tensor(r0["land"]), torch.as_tensor(land.loss), rtol=1e-12)
+    line = flatness.landscape_1d(
+        model, F.cross_entropy, data, alphas=c, direction=gather(ranks, "line_dir"), normalization=None
+    )
+    assert torch.allclose(torch.as_tensor(r0["line"]), torch.as_tensor(line.loss), rtol=1e-12)
+    interp = flatness.interpolate(model, model_b, F.cross_entropy, data, alphas=c)
+    assert torch.allclose(torch.as_tensor(r0["interp"]), torch.as_tensor(interp.loss), rtol=1e-12)
