@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call runs
 
 from flatness import _dist
-from flatness._data import DataSource, batch_size_of, move_batch
+from flatness._data import DataSource, batch_size_of, move_batch, tensors_of
 from flatness._guard import model_guard, seed_everything
 
 __all__ = ["NonFiniteLossError", "Objective", "ParamSpec"]
@@ -43,7 +44,25 @@ BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
 
 
 class NonFiniteLossError(ValueError):
-    """The loss (or its derivative) is NaN or infinite on some batch."""
+    """The loss (or its derivative) is NaN or infinite on some batch.
+
+    Attributes:
+        best: where the sharpness measures met a non-finite loss at a perturbed point (not at
+            θ), their result at the best finite point found before it (its ``value`` is a
+            lower bound of the measure); otherwise None.
+    """
+
+    def __init__(self, message: str, *, best: Any = None) -> None:
+        super().__init__(message)
+        self.best = best
+
+
+class _ForwardADFailed(Exception):
+    """Forward-mode AD failed on a batch (not a RuntimeError: ``_pass`` must not explain it)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _LossModule(nn.Module):
@@ -79,6 +98,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Parameter]]:
     named = list(model.named_parameters())
+    if not named:
+        raise ValueError(
+            f"model: the {type(model).__name__} has no parameters at all; flatness measures how "
+            "the loss changes with a model's parameters, so pass the module that holds them"
+        )
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
@@ -264,6 +288,8 @@ class Objective:
         first = chosen[0][1]
         self.device: torch.device = first.device
         self.dtype: torch.dtype = dtype or _promote([p.dtype for _, p in chosen])
+        # Full-data sums accumulate in at least float32 whatever the model's dtype.
+        self.acc_dtype: torch.dtype = torch.promote_types(self.dtype, torch.float32)
         self._cast = dtype
         self.n: int = sum(self.numels)
         chosen_ids = {id(p) for _, p in chosen}
@@ -381,16 +407,17 @@ class Objective:
         extra_numel: int | None,
         check_finite: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass (SPEC §0), reduced over ranks.
+        """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass, reduced over ranks.
 
         ``per_batch(batch)`` returns the batch's scalar loss and a flat ``extra`` tensor of
         ``extra_numel`` numbers (gradient, HVP, per-point losses...) or None. With
         ``check_finite=False`` non-finite values pass through (landscape grids keep NaN).
+        The sums accumulate in ``self.acc_dtype`` (at least float32: a bfloat16 sum of a few
+        hundred batch losses is off by percents) and are returned in it.
         """
-        total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        total_extra = (
-            None if extra_numel is None else torch.zeros(extra_numel, dtype=self.dtype, device=self.device)
-        )
+        acc = self.acc_dtype
+        total_loss = torch.zeros((), dtype=acc, device=self.device)
+        total_extra = None if extra_numel is None else torch.zeros(extra_numel, dtype=acc, device=self.device)
         losses: list[torch.Tensor] = []
         total_size = 0
         with model_guard(self.model):
@@ -401,18 +428,23 @@ class Objective:
                 for batch in self.data:
                     size = batch_size_of(batch, self._size_fn)
                     batch = move_batch(batch, self.device, self._cast)
-                    loss, extra = per_batch(batch)
+                    try:
+                        loss, extra = per_batch(batch)
+                    except RuntimeError as e:
+                        self._explain_dtype_error(batch, e)
+                        raise
                     w = float(size) if self.reduction == "mean" else 1.0
                     loss = loss.detach()
                     losses.append(loss)
-                    total_loss = total_loss + w * loss.to(self.dtype)
+                    total_loss = total_loss + w * loss.to(acc)
                     if total_extra is not None and extra is not None:
                         # NaN and ±inf survive the sum, so one check of the total suffices.
-                        total_extra.add_(extra.detach().reshape(-1).to(self.dtype), alpha=w)
+                        total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=w)
                     total_size += size
             finally:
                 self.data.restore_generators(saved)
         self.n_passes += 1
+        differs = self.data.end_pass()
         # One host synchronization per pass, not one per batch.
         finite = torch.isfinite(torch.stack(losses)) if losses else torch.ones(1, dtype=torch.bool)
         if not check_finite:
@@ -421,12 +453,20 @@ class Objective:
             ok = bool(finite.all() & torch.isfinite(total_extra).all())
         else:
             ok = bool(finite.all())
-        total_loss, total_extra, total_size, n_empty, n_bad = _dist.all_reduce_sums(
-            self._group, total_loss, total_extra, total_size, empty=not losses, bad=not ok
+        total_loss, total_extra, total_size, n_empty, n_bad, n_differ = _dist.all_reduce_sums(
+            self._group,
+            total_loss,
+            total_extra,
+            total_size,
+            empty=not losses,
+            bad=not ok,
+            differs=differs is not None,
         )
         if n_empty:
             where = "" if self._group is None else f" on {n_empty} rank(s); every rank needs a shard"
             raise ValueError(f"data: the data yielded no batches{where}; pass at least one batch")
+        if n_differ:
+            raise ValueError(differs or f"data: the passes over the data differ on {n_differ} other rank(s)")
         if n_bad:
             bad = (~finite).nonzero()
             if not ok and bad.numel():
@@ -439,6 +479,22 @@ class Objective:
             raise NonFiniteLossError(f"the {what} is not finite ({where})")
         scale = 1.0 / total_size if self.reduction == "mean" else 1.0
         return total_loss * scale, None if total_extra is None else total_extra * scale
+
+    def _explain_dtype_error(self, batch: Any, error: RuntimeError) -> None:
+        """Raise a TypeError naming ``data`` when a batch's floating dtype differs from the model's."""
+        if self._cast is not None:
+            return
+        model_dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        data_dtypes = {t.dtype for t in tensors_of(batch) if t.is_floating_point()}
+        if not model_dtypes or not data_dtypes or data_dtypes <= model_dtypes:
+            return
+        data_names = ", ".join(sorted(str(d).removeprefix("torch.") for d in data_dtypes))
+        model_names = ", ".join(sorted(str(d).removeprefix("torch.") for d in model_dtypes))
+        raise TypeError(
+            f"data: the batch holds {data_names} tensors but the model's parameters are "
+            f"{model_names} ({error}); convert the data to the model's dtype, or pass "
+            f"dtype=torch.float64 (or another floating dtype) to compute everything in that dtype"
+        ) from error
 
     # ------------------------------------------------------------------ public evaluations
     def loss(self, theta: Any = None) -> torch.Tensor:
@@ -466,7 +522,7 @@ class Objective:
         self.n_grad += 1
         loss, grad = self._pass(per_batch, "gradient", extra_numel=self.n)
         assert grad is not None
-        return loss, grad
+        return loss, grad.to(self.dtype)
 
     def grad(self, theta: Any = None) -> torch.Tensor:
         """∇L(θ) over one full pass."""
@@ -485,8 +541,11 @@ class Objective:
                 def f(t: torch.Tensor) -> torch.Tensor:
                     return self._batch_loss(t, batch)
 
-                with _math_attention():
-                    (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                try:
+                    with _math_attention():
+                        (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                except (RuntimeError, NotImplementedError) as e:
+                    raise _ForwardADFailed(e) from e
                 return loss, hv
 
         else:
@@ -500,9 +559,23 @@ class Objective:
                 return loss, hv
 
         self.n_hvp += 1
-        hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
+        try:
+            hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
+        except _ForwardADFailed as e:
+            # Forward-mode AD is missing or broken for some ops (torch 2.13: F.mse_loss under
+            # jvp(grad) raises "ZeroTensors are immutable"). Double backward is exact too.
+            self._forward = False
+            warnings.warn(
+                f"hvp_mode='forward': forward-mode AD fails on this model and loss "
+                f"({type(e.error).__name__}: {str(e.error)[:200]}); using double backward "
+                "(hvp_mode='reverse', also exact) for this and later products",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.n_hvp -= 1
+            return self._hvp(v, theta, forward=False)
         assert hv is not None
-        return hv
+        return hv.to(self.dtype)
 
     @property
     def hvp_mode_used(self) -> str:
@@ -635,7 +708,7 @@ class Objective:
         def compute(batch: Any) -> torch.Tensor:
             """Loss and metrics of one batch at the parameters now swapped into the model."""
             if not names:
-                return self._scalar_loss(self._module(batch)).reshape(1).to(self.dtype)
+                return self._scalar_loss(self._module(batch)).reshape(1).to(self.acc_dtype)
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError("data: metrics need (inputs, targets) batches")
             inputs, targets = batch
@@ -644,7 +717,9 @@ class Objective:
             out += [metrics[m](outputs, targets) for m in names]
             return torch.stack(
                 [
-                    (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))).reshape(()).to(self.dtype)
+                    (v if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+                    .reshape(())
+                    .to(self.acc_dtype)
                     for v in out
                 ]
             )
@@ -750,7 +825,7 @@ class Objective:
                         out = run_loop(batch)
                 else:
                     out = run_vmap(batch) if mode["vmap"] else run_loop(batch)
-            return torch.zeros((), dtype=self.dtype, device=self.device), out.reshape(-1)
+            return torch.zeros((), dtype=self.acc_dtype, device=self.device), out.reshape(-1)
 
         width = 1 + len(names)
         self.n_loss += k

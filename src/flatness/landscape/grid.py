@@ -182,6 +182,7 @@ def _run_grid(
     normalization: str | None,
     seed: int | None,
     nonfinite_hint: str = "the grid may reach too far from the centre",
+    center_name: str = "the model's parameters",
 ) -> LandscapeResult:
     shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
     total = math.prod(shape)
@@ -273,7 +274,16 @@ def _run_grid(
     finally:
         bar.close()
     out = result()
-    if out.n_nonfinite:
+    if out.n_nonfinite and not math.isfinite(out.center_loss):
+        warnings.warn(
+            f"{out.n_nonfinite} of {total} grid points have a non-finite loss (kept as NaN/inf in "
+            f".loss), and the loss at the centre itself ({center_name}) is {out.center_loss}: the "
+            "model, the data or the loss function produce it, not the grid's reach; check them "
+            "(e.g. flatness.Objective(model, loss_fn, data).loss())",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif out.n_nonfinite:
         warnings.warn(
             f"{out.n_nonfinite} of {total} grid points have a non-finite loss (kept as NaN/inf in .loss); "
             + nonfinite_hint,
@@ -598,6 +608,7 @@ def interpolate(
             progress=progress,
             normalization=None,
             seed=None,
+            center_name="model_a's parameters, alpha = 0",
             nonfinite_hint=(
                 "interpolated buffers (e.g. BatchNorm running_var) can turn negative outside "
                 "alpha in [0, 1]; pass interpolate_buffers=False to keep model_a's buffers"

@@ -64,4 +64,11 @@ def apply(matvec: Matvec, v: torch.Tensor, n: int) -> torch.Tensor:
     out = out.reshape(-1)
     if out.shape[0] != n:
         raise ValueError(f"matvec: returned {out.shape[0]} numbers for a vector of size n={n}")
-    return out.to(device=v.device, dtype=v.dtype)
+    out = out.to(device=v.device, dtype=v.dtype)
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise ValueError(
+            f"matvec: returned {bad} non-finite value(s) (NaN or inf) out of {n}; the operator "
+            "must map finite vectors to finite vectors (check its scale and the dtype)"
+        )
+    return out
