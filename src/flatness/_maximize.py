@@ -175,7 +175,8 @@ def curvature_vertex(
         \\tilde g = E g_0,\\ M = E H E,\\ E = \\mathrm{diag}(\\text{half})
 
     relaxed to the top eigenvector (z, t) of the homogenized matrix [[M, g̃], [g̃ᵀ, 0]] (with
-    t = ±1 the quadratic form is 2 m(t s)), found by ``steps`` power iterations, and rounded:
+    t = ±1 its quadratic form is 2 m(t s)), found by ``steps`` Lanczos steps (full
+    reorthogonalization, the top Ritz vector; exact once ``steps`` > n), and rounded:
     s = sign(z) · sign(t). The products M z come from gradients, one evaluation each:
     M z ≈ E (∇f(E z / ‖z‖∞) − g₀) ‖z‖∞, a secant across the box (exact for a quadratic), at a
     point on the box's boundary. At a minimum (g₀ = 0) this is the sign vector of the top
@@ -186,8 +187,8 @@ def curvature_vertex(
         f_and_grad: ``f_and_grad(x) -> (f(x), ∇f(x))``; called ``steps`` times at most.
         half: the box's half-widths (> 0).
         g0: ∇f at the box's centre x = 0.
-        z0: the power iteration's start (e.g. a seeded Gaussian vector).
-        steps: power iterations (evaluations).
+        z0: the Lanczos start (e.g. a seeded Gaussian vector).
+        steps: Lanczos steps (evaluations).
 
     Returns:
         ``(signs, evaluations)``: a ±1 vector (ties broken towards +1) and the calls made.
@@ -195,24 +196,50 @@ def curvature_vertex(
     half = _vector("half", half)
     n = half.shape[0]
     g0 = _vector("g0", g0, n)
-    z = _vector("z0", z0, n).copy()
     gt = half * g0
-    t = 1.0
+    start = np.append(_vector("z0", z0, n), 0.0)
+    if np.any(gt):
+        start[n] = float(np.linalg.norm(start[:n])) or 1.0
     used = 0
-    for _ in range(max(0, int(steps))):
+
+    def operator(v: np.ndarray) -> np.ndarray:
+        nonlocal used
+        z, t = v[:n], v[n]
         scale = float(np.max(np.abs(z)))
-        if not scale > 0 or not math.isfinite(scale):
+        mz = np.zeros(n)
+        if scale > 0 and math.isfinite(scale):
+            _, g = f_and_grad(half * (z / scale))
+            used += 1
+            mz = half * (np.asarray(g, dtype=np.float64).reshape(-1) - g0) * scale
+        return np.append(mz + gt * t, gt @ z)
+
+    norm = float(np.linalg.norm(start))
+    if not norm > 0 or not math.isfinite(norm):
+        return np.ones(n), 0
+    basis = [start / norm]
+    images: list[np.ndarray] = []
+    for _ in range(max(0, int(steps))):
+        w = operator(basis[-1])
+        if not np.all(np.isfinite(w)):
             break
-        _, g = f_and_grad(half * (z / scale))
-        used += 1
-        mz = half * (np.asarray(g, dtype=np.float64).reshape(-1) - g0) * scale
-        z, t = mz + gt * t, float(gt @ z)
-        norm = float(np.linalg.norm(np.append(z, t)))
-        if not norm > 0 or not math.isfinite(norm):
+        images.append(w)
+        r = w.copy()
+        for _ in range(2):  # classical Gram–Schmidt, twice
+            r -= np.array(basis).T @ (np.array(basis) @ r)
+        beta = float(np.linalg.norm(r))
+        if not beta > 1e-12 * max(float(np.linalg.norm(w)), 1e-300) or len(basis) > n:
             break
-        z, t = z / norm, t / norm
-    signs = np.where(z < 0, -1.0, 1.0)
-    return (-signs if t < 0 else signs), used
+        basis.append(r / beta)
+    k = len(images)
+    if k == 0:
+        u = basis[0]
+    else:
+        q = np.array(basis[:k])
+        t_mat = q @ np.array(images).T
+        _, vecs = np.linalg.eigh((t_mat + t_mat.T) / 2)
+        u = q.T @ vecs[:, -1]
+    signs = np.where(u[:n] < 0, -1.0, 1.0)
+    return (-signs if u[n] < 0 else signs), used
 
 
 def _find_setulb() -> Callable[..., Any] | None:
