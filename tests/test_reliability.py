@@ -389,3 +389,54 @@ def test_hessian_topk_on_replaying_persistent_loader_converges():
     loader = DataLoader(AugmentedDataset(24), batch_size=8, num_workers=1, persistent_workers=True)
     res = hessian_topk(model, F.cross_entropy, loader, k=1, tol=1e-4)
     assert res.converged and res.n_hvp <= 60
+
+
+# ---------------------------------------------------------------------------- found by tests/test_fuzz.py
+def test_fuzz_findings_are_clear_errors(tmp_path):
+    model = make_mlp()
+    checkpoints = [make_mlp(i) for i in range(1, 4)]
+    saturating = nn.Sequential(nn.Linear(5, 3), nn.Tanh()).double()
+    data = classification_data()
+    before = snapshot(model)
+    # NumPy integer seeds are ints everywhere; a string seed is named before it is used.
+    landscape_2d(model, F.cross_entropy, data, alphas=[0.0, 1.0], betas=[0.0], seed=np.int64(2))
+    hessian_topk(model, F.cross_entropy, data, k=1, seed=np.int64(1), max_hvp=25, data_seed=np.int64(3))
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        landscape_2d(model, F.cross_entropy, data, alphas=[0.0], betas=[0.0], seed="0")
+    # params of the wrong kind, reduction as an array.
+    with pytest.raises(TypeError, match="params: expected None, a list"):
+        Objective(model, F.cross_entropy, data, params=5)
+    with pytest.raises(TypeError, match=r"params: got the string '0.weight'; pass a list of names"):
+        Objective(model, F.cross_entropy, data, params="0.weight")
+    with pytest.raises(ValueError, match="reduction: got array"):
+        Objective(model, F.cross_entropy, data, reduction=np.array(["mean"]))
+    # Empty batches and sizes.
+    x, y = data
+    with pytest.raises(ValueError, match="data: a batch has 0 samples"):
+        Objective(model, F.cross_entropy, [(x[:3], y[:3]), (x[:0], y[:0])]).loss()
+    obj = Objective(model, F.cross_entropy, [(x[:3], y[:3])], batch_size=lambda b: np.int64(len(b[0])))
+    assert math.isfinite(float(obj.loss()))
+    with pytest.raises(ValueError, match=r"batch_size: returned 2\.5"):
+        Objective(model, F.cross_entropy, data, batch_size=lambda b: 2.5).loss()
+    # A non-finite gradient with finite losses points at the data too.
+    xi = x.clone()
+    xi[0, 0] = math.inf
+    with pytest.raises(NonFiniteLossError, match=r"gradient is not finite.*data"):
+        Objective(saturating, F.cross_entropy, (xi, y)).grad()
+    # Trajectory PCA asking for more components than the checkpoints or θ allow.
+    from flatness import pca_directions
+
+    with pytest.raises(ValueError, match="checkpoints, n_components"):
+        pca_directions(model, checkpoints[:2], n_components=2)
+    with pytest.raises(ValueError, match="n_components: got 100"):
+        pca_directions(model, checkpoints, n_components=100)
+    assert_untouched(model, before)
+    # Files that are not landscapes.
+    from flatness import load_landscape
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz file at all")
+    with pytest.raises(ValueError, match=r"path: .* is not a flatness landscape result"):
+        load_landscape(bad)
+    with pytest.raises(FileNotFoundError, match="path: no file"):
+        load_landscape(tmp_path / "missing.npz")

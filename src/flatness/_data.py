@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["DataSource", "batch_size_of", "move_batch", "tensors_of"]
@@ -75,19 +76,29 @@ def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> in
     """Number of samples in a batch: ``size_fn(batch)`` or the leading dimension of the inputs."""
     if size_fn is not None:
         size = size_fn(batch)
-    else:
-        inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) > 0 else batch
-        t = _first_tensor(inputs)
-        if t is None:
-            t = _first_tensor(batch)
-        if t is None or t.ndim == 0:
-            raise TypeError(
-                "batch_size: cannot find the batch size of a batch of type "
-                f"{type(batch).__name__}; pass batch_size=callable(batch) -> int"
-            )
-        size = t.shape[0]
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"batch_size: a batch has size {size!r}; expected a positive int")
+        if isinstance(size, torch.Tensor) and size.numel() == 1 and not size.is_floating_point():
+            size = int(size)
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+            raise ValueError(f"batch_size: returned {size!r} for a batch; expected a positive int")
+        return int(size)
+    inputs = batch[0] if isinstance(batch, (tuple, list)) and len(batch) > 0 else batch
+    t = _first_tensor(inputs)
+    if t is None:
+        t = _first_tensor(batch)
+    if t is None or t.ndim == 0:
+        what = "no tensor" if t is None else "a 0-d tensor first"
+        raise TypeError(
+            f"data: cannot find the size of a batch of type {type(batch).__name__} ({what}; the "
+            "size is the leading dimension of the first tensor of the inputs); pass "
+            "batch_size=callable(batch) -> int"
+        )
+    size = t.shape[0]
+    if size <= 0:
+        raise ValueError(
+            f"data: a batch has {size} samples (the leading dimension of its first tensor, shape "
+            f"{tuple(t.shape)}); remove empty batches, or pass batch_size=callable(batch) -> int if "
+            "the first tensor is not per sample"
+        )
     return int(size)
 
 

@@ -114,6 +114,13 @@ def _select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Pa
     if callable(params) and not isinstance(params, nn.Module):
         chosen = [(n, p) for n, p in named if params(n, p)]
     else:
+        if isinstance(params, str):
+            raise TypeError(f"params: got the string {params!r}; pass a list of names, e.g. [{params!r}]")
+        if not isinstance(params, Iterable):
+            raise TypeError(
+                "params: expected None, a list of names, a list of parameter tensors or a "
+                f"predicate (name, param) -> bool; got {type(params).__name__}"
+            )
         items = list(params)
         if not items:
             raise ValueError("params: got an empty selection; pass None for all trainable ones")
@@ -189,7 +196,8 @@ def _alias_map(model: nn.Module) -> dict[str, list[str]]:
 
 def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
-    if value not in choices:
+    # Same type and equal: an array or a str subclass compares equal elementwise or loosely.
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise ValueError(f"{name}: got {value!r}; expected one of {choices}")
 
 
@@ -201,7 +209,11 @@ class Objective:
         \\quad\\text{(reduction="mean"; "sum" drops the weights)}
 
     Methods evaluate :math:`L`, :math:`\\nabla L` and :math:`\\nabla^2 L\\, v` over a full
-    pass of the data, on the model's device, in the model's dtype or ``dtype``.
+    pass of the data, on the model's device, in the model's dtype or ``dtype``; the sums over
+    batches accumulate in at least float32 (``acc_dtype``), in which losses are returned.
+    Every pass sees the same batches: the global RNGs are seeded with ``data_seed``, the
+    loader's generators rewound, ``persistent_workers`` loaders iterated with fresh workers,
+    ``DistributedSampler`` padding dropped; data whose passes still differ raises ValueError.
 
     Args:
         model: any ``nn.Module`` (DDP / DataParallel wrappers are unwrapped).
@@ -228,7 +240,11 @@ class Objective:
             data; default: the world group when one is initialized, else none.
 
     Raises:
-        TypeError, ValueError: with the argument named, for bad input.
+        TypeError, ValueError: with the argument named, for bad input (``data`` for empty
+            batches, data of another floating dtype than the model's, or passes that differ;
+            ``model`` for a model without parameters). Errors raised by the model or the loss
+            function themselves propagate unchanged.
+        NonFiniteLossError: a loss, gradient or HVP that is not finite (naming the batch).
     """
 
     def __init__(
@@ -264,15 +280,15 @@ class Objective:
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
         if batch_size is not None and not callable(batch_size):
             raise TypeError(f"batch_size: expected a callable(batch) -> int, got {batch_size!r}")
-        if not isinstance(data_seed, int):
-            raise TypeError(f"data_seed: expected an int, got {type(data_seed).__name__}")
+        if isinstance(data_seed, bool) or not isinstance(data_seed, (int, np.integer)):
+            raise TypeError(f"data_seed: expected an int, got {data_seed!r}")
 
         self.model = _unwrap(model)
         self.data = DataSource(data, max_batches=max_batches)
         self.reduction = reduction
         self.train = bool(train)
         self.hvp_mode = hvp_mode
-        self.data_seed = data_seed
+        self.data_seed = int(data_seed)
         self._size_fn = batch_size
         self._module = _LossModule(self.model, loss_fn, batch_loss)
         self._group = _dist.resolve_group(process_group)
@@ -476,7 +492,10 @@ class Objective:
                     f"computing the {what}; check the model, the data and the parameters"
                 )
             where = "on this rank" if not ok else "on another rank"
-            raise NonFiniteLossError(f"the {what} is not finite ({where})")
+            raise NonFiniteLossError(
+                f"the {what} is not finite ({where}) although the loss is finite on every batch; "
+                "check the model, the data and the parameters"
+            )
         scale = 1.0 / total_size if self.reduction == "mean" else 1.0
         return total_loss * scale, None if total_extra is None else total_extra * scale
 

@@ -48,7 +48,8 @@ class SharpnessResult(Result):
         max_loss: the largest loss seen in the box, f(x + A y).
         perturbation: A y at the best point, shaped like the parameters.
         n_evals: loss+gradient passes over the data (the one at x included).
-        nit, status, message: L-BFGS-B's iterations, status and message.
+        nit, status, message: L-BFGS-B's iterations, status and message (status −1: stopped by a
+            non-finite loss at a perturbed point, see :class:`flatness.NonFiniteLossError`).
         epsilon, subspace, max_iter, seed, start: the options used (``subspace``: p, or None
             for the full space).
     """
@@ -236,7 +237,7 @@ STARTS = ("auto", "keskar")
 
 
 def _random_signs(g: np.ndarray, generator: torch.Generator) -> np.ndarray:
-    """sign(g), with seeded random ±1 where g is zero (SPEC §1 pitfall)."""
+    """sign(g), with seeded random ±1 where g is zero (at a minimum y = 0 cannot ascend)."""
     coins = torch.randint(0, 2, (g.shape[0],), generator=generator).numpy() * 2.0 - 1.0
     return np.where(g > 0, 1.0, np.where(g < 0, -1.0, coins))
 
@@ -349,22 +350,26 @@ def sharpness(
     Keskar, Mudigere, Nocedal, Smelyanskiy, Tang (2017), "On Large-Batch Training for Deep
     Learning: Generalization Gap and Sharp Minima", arXiv 1609.04836, Metric 2.1.
 
-    The maximum is approximated by L-BFGS-B (scipy, float64) on −f with ``max_iter``
-    iterations, as in the paper. Start: the box vertex sign(Aᵀ∇f(x)) ⊙ e (the exact maximizer
-    of every separable convex part), with seeded random signs where the gradient is zero,
-    since at an exact minimum a start at y = 0 cannot ascend. The result is the largest loss
-    seen over every point evaluated, including x itself, so φ ≥ 0.
+    φ is defined for f(x) > −1 (a loss ≥ 0). The maximum is approximated by L-BFGS-B (scipy,
+    float64) on −f with ``max_iter`` iterations, as in the paper, from a box vertex (at an exact
+    minimum a start at y = 0 cannot ascend): ``start="keskar"`` the gradient-sign vertex
+    sign(Aᵀ∇f(x)) ⊙ e (seeded random signs where the gradient is zero); ``start="auto"`` the
+    better of that and the curvature vertex, the sign vector of the top Ritz vector of the
+    box-scaled quadratic model after up to 5 Lanczos steps from gradient differences (mean
+    φ / exact φ 0.976 against 0.819 on random quadratics at their minimum,
+    ``benchmarks/bench_keskar_quality.py``). The result is the largest loss seen over every
+    point evaluated, including x itself, so φ ≥ 0.
 
     Subspace: ``subspace=p`` draws A ∈ R^{n×p} with orthonormal columns (the Q factor of a
     Gaussian matrix, Haar distributed) from a generator seeded by ``seed``; then A⁺ = Aᵀ and
     ``subspace=n`` is a random rotation of the full space. A user matrix A (n×p) is used as
     given, A⁺x by a thin SVD. No n×n matrix is ever formed.
 
-    Cost: ``n_evals`` loss+gradient passes over the data: one at x, then one per L-BFGS-B
-    evaluation, at most ``max_evals`` (default ``3 * max_iter + 10``). On smooth losses an
-    iteration takes one or two evaluations; on ReLU networks, where the vertex start is close
-    to the box maximum, L-BFGS-B's line search may spend many evaluations on tiny gains, which
-    the cap bounds.
+    Cost: ``n_evals`` loss+gradient passes over the data: one at x, then one per evaluation
+    of the start (``"auto"``: up to 6) and of L-BFGS-B, at most ``max_evals`` in all (default
+    ``3 * max_iter + 10``). On smooth losses an iteration takes one or two evaluations; on ReLU
+    networks, where the vertex start is close to the box maximum, L-BFGS-B's line search may
+    spend many evaluations on tiny gains, which the cap bounds.
 
     Args:
         model: the network (left untouched).
@@ -374,11 +379,13 @@ def sharpness(
         subspace: None (full space, A = I), an int p (random A, the paper used p = 100) or
             an n×p matrix.
         max_iter: L-BFGS-B iterations (paper: 10).
-        max_evals: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``. The pass at
-            x comes on top, so ``n_evals <= max_evals + 1``.
+        max_evals: cap on the evaluations after x (start and L-BFGS-B); default
+            ``3 * max_iter + 10``. The pass at x comes on top, so ``n_evals <= max_evals + 1``.
         tol: L-BFGS-B stops when the loss rises by less than ``tol * max(|f|, 1)`` in an
             iteration (scipy's ``ftol``); lower it (e.g. 1e-15) with a large ``max_iter`` to
             solve to machine precision.
+        start: ``"auto"`` (default; the better of the curvature and gradient-sign vertices)
+            or ``"keskar"`` (one L-BFGS-B run from the gradient-sign vertex).
         seed: seeds the random subspace and the random start signs (a local generator).
         progress: False, True (a line on stderr) or a callable ``(step, total, info)``.
         **options: forwarded to :class:`flatness.Objective` (``params``, ``reduction``,
@@ -389,9 +396,13 @@ def sharpness(
         ``n_evals``, the optimizer's ``nit``/``status``/``message`` and the options used.
 
     Raises:
-        ValueError: ε ≤ 0, max_iter < 1, p ∉ [1, n], a matrix not of shape (n, p).
+        ValueError: ε ≤ 0, max_iter < 1, p ∉ [1, n], a matrix not of shape (n, p), an unknown
+            ``start``, or f(x) ≤ −1 (φ undefined; the message names the alternatives).
         TypeError: arguments of the wrong type.
-        NonFiniteLossError: the loss is not finite on some batch.
+        NonFiniteLossError: the loss is not finite on some batch: at θ, or at a perturbed point
+            inside the box, where φ is then not finite or undefined and the error's ``best``
+            holds the result at the best finite point found before (a lower bound, ``status``
+            −1).
     """
     check_options(sharpness, options)
     check_positive("epsilon", epsilon)
@@ -547,8 +558,7 @@ def adaptive_sharpness(
     the rescalings of Dinh et al. (2017, arXiv 1703.04933).
 
     Solved in z = δ ⊘ c (∇_z = c ⊙ ∇L). p = ∞: the set is the box |z_i| ≤ ρ, maximized by
-    L-BFGS-B from the vertex ρ sign(∇_z) (seeded random signs where zero), as for
-    :func:`sharpness`. p = 2: projected gradient ascent with Barzilai–Borwein steps on the ball
+    L-BFGS-B from a vertex chosen by ``start``, as for :func:`sharpness`. p = 2: projected gradient ascent with Barzilai–Borwein steps on the ball
     ‖z‖ ≤ ρ (monotone; on a convex part it becomes the power method, which at a minimum
     converges to the top eigenvector of C H C), started at ρ ∇_z/‖∇_z‖, or at a seeded random
     direction where the gradient is zero. The largest loss seen is reported, so the value ≥ 0.
@@ -566,6 +576,7 @@ def adaptive_sharpness(
         max_evals: p = ∞ only: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
             The pass at θ comes on top, so ``n_evals <= max_evals + 1``.
         tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``).
+        start: p = ∞ only: ``"auto"`` or ``"keskar"``, as for :func:`sharpness`.
         seed: seeds the random start (a local generator).
         progress: False, True or a callable ``(step, total, info)``.
         **options: forwarded to :class:`flatness.Objective`.
@@ -575,9 +586,11 @@ def adaptive_sharpness(
         ``n_evals``, the optimizer's report and the options used.
 
     Raises:
-        ValueError: ρ ≤ 0, p not 2 or ∞, η < 0, max_iter < 1.
+        ValueError: ρ ≤ 0, p not 2 or ∞, η < 0, max_iter < 1, an unknown ``start``.
         TypeError: arguments of the wrong type.
-        NonFiniteLossError: the loss is not finite on some batch.
+        NonFiniteLossError: the loss is not finite on some batch, at θ or at a perturbed point
+            (then with ``best``, the result at the best finite point found, as for
+            :func:`sharpness`).
     """
     check_options(adaptive_sharpness, options)
     check_positive("rho", rho)
@@ -695,7 +708,8 @@ def average_sharpness(
     Raises:
         ValueError: ρ ≤ 0, n_samples < 1, η < 0.
         TypeError: arguments of the wrong type.
-        NonFiniteLossError: the loss is not finite on some batch.
+        NonFiniteLossError: the loss is not finite on some batch, at θ or at the perturbed point
+            of a draw (named): the expectation is then not finite.
     """
     check_options(average_sharpness, options)
     check_positive("rho", rho)

@@ -23,6 +23,7 @@ from flatness.landscape.directions import (
     Normalization,
     _check_direction,
     _check_normalization,
+    _check_seed,
     _named,
     normalize_direction,
     random_direction,
@@ -354,6 +355,7 @@ def landscape_1d(
     """
     check_options(landscape_1d, options)
     _check_normalization(normalization)
+    seed = _check_seed(seed)
     a = _coords(alphas, "alphas")
     metrics_d = _check_metrics(metrics)
     params = options.get("params")
@@ -441,6 +443,7 @@ def landscape_2d(
     """
     check_options(landscape_2d, options)
     _check_normalization(normalization)
+    seed = _check_seed(seed)
     a = _coords(alphas, "alphas")
     b = _coords(betas, "betas")
     metrics_d = _check_metrics(metrics)
