@@ -37,7 +37,13 @@ def results():
 def test_1d_with_accuracy_axis(results):
     ax = fplot.plot_1d(results[0], metric="accuracy")
     assert len(ax.figure.axes) == 2 and len(ax.lines) == 1
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), results[0].alphas)
     np.testing.assert_allclose(ax.lines[0].get_ydata(), results[0].loss)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("α", "loss")
+    twin = next(a for a in ax.figure.axes if a is not ax)
+    np.testing.assert_allclose(twin.lines[0].get_ydata(), results[0].metrics["accuracy"])
+    assert twin.get_ylabel() == "accuracy"
+    assert fplot.plot_1d(results[0], log=True).get_yscale() == "log"
     with pytest.raises(KeyError, match="metric"):
         fplot.plot_1d(results[0], metric="nope")
     with pytest.raises(TypeError, match="1-D"):
@@ -57,12 +63,27 @@ def test_1d_curves_on_one_axes_get_distinct_colours(results):
 
 
 def test_contour_and_surface(results):
-    ax = fplot.plot_contour(results[1], log=True, filled=True)
+    plane = results[1]
+    ax = fplot.plot_contour(plane, log=True, filled=True)
     star = [line for line in ax.lines if line.get_marker() == "*"]
     assert star and tuple(star[0].get_xydata()[0]) == (0.0, 0.0)
-    assert fplot.plot_contour(results[1]).figure is not None
-    ax3 = fplot.plot_surface(results[1])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("α (d₁)", "β (d₂)")
+    # The contour set spans the grid and its levels cover log10 of the losses.
+    cs = next(c for c in ax.collections if hasattr(c, "levels"))
+    z = np.log10(plane.loss)
+    assert cs.levels.min() <= z.min() and cs.levels.max() >= z.max()
+    assert ax.get_xlim() == (plane.alphas.min(), plane.alphas.max())
+    assert ax.get_ylim() == (plane.betas.min(), plane.betas.max())
+    colorbar_axes = [a for a in ax.figure.axes if a is not ax]
+    assert colorbar_axes and colorbar_axes[0].get_ylabel() == "log10 loss"
+    plain = fplot.plot_contour(plane)
+    plain_cs = next(c for c in plain.collections if hasattr(c, "levels"))
+    assert plain_cs.levels.min() <= plane.loss.min() and plain_cs.levels.max() >= plane.loss.max()
+    ax3 = fplot.plot_surface(plane)
     assert ax3.name == "3d"
+    assert (ax3.get_xlabel(), ax3.get_ylabel(), ax3.get_zlabel()) == ("α", "β", "loss")
+    zmin, zmax = ax3.get_zlim()
+    assert zmin <= plane.loss.min() and zmax >= plane.loss.max()
     with pytest.raises(TypeError, match="2-D"):
         fplot.plot_contour(results[0])
     plt.close("all")
@@ -74,15 +95,26 @@ def test_spectrum_and_density_from_arrays_and_objects():
         grid = np.linspace(-2, 4, 50)
         density = np.exp(-((np.linspace(-2, 4, 50) - 1) ** 2))
 
-    assert fplot.plot_spectrum(Spectrum()).figure is not None
-    assert fplot.plot_spectrum(np.array([1.0, 2.0]), log=True).figure is not None
-    assert fplot.plot_density(Spectrum()).figure is not None
+    ax = fplot.plot_spectrum(Spectrum())
+    # A stem plot, largest first, indices from 1.
+    markers = ax.containers[0].markerline
+    np.testing.assert_allclose(markers.get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(markers.get_ydata(), [3.0, 0.5, -1.0])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("index", "eigenvalue")
+    assert fplot.plot_spectrum(np.array([1.0, 2.0]), log=True).get_yscale() == "symlog"
+    ax = fplot.plot_density(Spectrum())
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), Spectrum.grid)
+    peak = Spectrum.density.max()
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), np.maximum(Spectrum.density, peak * 1e-10))
+    assert ax.get_yscale() == "log" and (ax.get_xlabel(), ax.get_ylabel()) == ("eigenvalue", "density")
     t = np.linspace(-1, 1, 201)
     ax = fplot.plot_density(t, np.exp(-(t**2) / 1e-3))  # tails down to ~1e-434 (0 in float64)
     assert ax.get_ylim()[0] == pytest.approx(1e-10, rel=1e-6)
     ax = fplot.plot_spectrum(np.array([3.0, 2.0, 1.0]))
     assert all(float(v).is_integer() for v in ax.get_xticks())
-    assert fplot.plot_density(Spectrum.grid, Spectrum.density, log=False).figure is not None
+    ax = fplot.plot_density(Spectrum.grid, Spectrum.density, log=False)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), Spectrum.density)
+    assert ax.get_yscale() == "linear"
     with pytest.raises(ValueError, match="lengths"):
         fplot.plot_density(np.arange(3), np.arange(4))
     plt.close("all")

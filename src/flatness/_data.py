@@ -3,18 +3,35 @@
 A pass over the data must be repeatable (each measure makes many passes), so one-shot
 iterators are refused. Loaders that shuffle or augment are replayed identically: each
 pass seeds the global generators and rewinds the loader's own ``torch.Generator`` objects
-to the state they had when the objective was built.
+to the state they had when the objective was built. Two kinds of loader need more:
+
+- ``persistent_workers=True``: the worker processes keep their random streams from one
+  pass to the next and cannot be reseeded, so each pass iterates a non-persistent copy of
+  the loader (fresh workers, seeded like the first pass; the cost is the workers' start-up).
+- a ``DistributedSampler`` that pads (``drop_last=False`` and a dataset size that is not a
+  multiple of the number of replicas) repeats a few samples to even out the shards; each
+  pass drops exactly those repeats, so that the union of the shards is the dataset once.
+
+Any other source whose passes differ (an ``IterableDataset`` seeded from OS entropy, an
+augmentation with its own unseeded generator) is detected: every pass over data that is not
+a list or tuple of batches records a fingerprint of each batch (shapes, dtypes and a CRC-32
+of the bytes of every tensor, or a position-weighted sum on accelerators: O(data), no
+forward pass) and compares it with the first pass's.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["DataSource", "batch_size_of", "first_tensor", "move_batch"]
+__all__ = ["DataSource", "batch_size_of", "first_tensor", "move_batch", "tensors_of"]
 
 
 def _is_single_batch(data: Any) -> bool:
@@ -57,6 +74,18 @@ def _leading_sizes(x: Any, path: str = "batch") -> Iterator[tuple[str, int]]:
             yield from _leading_sizes(v, f"{path}[{i}]")
 
 
+def tensors_of(x: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested batch (dicts, tuples, named tuples, lists), in order."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from tensors_of(v)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from tensors_of(v)
+
+
 def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> int:
     """Number of samples in a batch, its weight in full-data means.
 
@@ -91,8 +120,8 @@ def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> in
         sizes = list(_leading_sizes(batch))
         if not sizes:
             raise TypeError(
-                "batch_size: cannot find the batch size of a batch of type "
-                f"{type(batch).__name__}; pass batch_size=callable(batch) -> int"
+                f"data: cannot find the batch size of a batch of type {type(batch).__name__} (it holds "
+                "no tensor with a dimension); pass batch_size=callable(batch) -> int"
             )
         chosen = sizes[0]
         if isinstance(batch, (tuple, list)) and len(batch) > 0:
@@ -109,9 +138,14 @@ def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> in
                 UserWarning,
                 stacklevel=3,
             )
-        size = chosen[1]
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"batch_size: a batch has size {size!r}; expected a positive int")
+        if chosen[1] <= 0:
+            raise ValueError(
+                f"data: a batch has {chosen[1]} samples (the leading dimension of {chosen[0]}); remove "
+                "empty batches, or pass batch_size=callable(batch) -> int if that tensor is not per sample"
+            )
+        return chosen[1]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"batch_size: returned {size!r} for a batch; expected a positive int")
     return int(size)
 
 
@@ -144,6 +178,133 @@ def _loader_generators(data: Any) -> list[torch.Generator]:
     return found
 
 
+def _fingerprint(batch: Any) -> list[Any]:
+    """Shapes, dtypes and a checksum of every tensor in a batch: O(data), no host copy on GPUs.
+
+    CPU tensors: CRC-32 of their bytes. Other devices: the sum and a position-weighted sum
+    in float64 as a device tensor (compared after the pass, one synchronization).
+    """
+    out: list[Any] = []
+    for t in tensors_of(batch):
+        out.append((tuple(t.shape), t.dtype))
+        if t.numel() == 0 or t.is_sparse or t.is_nested:
+            continue
+        t = t.detach()
+        if t.device.type == "cpu":
+            flat = t.contiguous().reshape(-1)
+            if flat.is_complex() or flat.is_quantized:
+                flat = torch.view_as_real(flat) if flat.is_complex() else flat.int_repr()
+            out.append(zlib.crc32(flat.view(torch.uint8).numpy()))
+        else:
+            flat = t.reshape(-1)
+            values = (torch.view_as_real(flat) if flat.is_complex() else flat).reshape(-1).double()
+            weights = torch.arange(values.numel(), device=values.device, dtype=torch.float64)
+            weights = weights.remainder_(251.0).add_(1.0)
+            out.append(torch.stack([values.sum(), (values * weights).sum()]))
+    return out
+
+
+def _same_prints(a: list[Any], b: list[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return False
+            # NaN inputs: compare bit patterns of the sums, not values.
+            if not torch.equal(torch.nan_to_num(x, nan=1.5e300), torch.nan_to_num(y, nan=1.5e300)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+class _UnpaddedSampler(torch.utils.data.Sampler):  # type: ignore[type-arg]
+    """A ``DistributedSampler``'s indices without the repeats it pads the last shards with.
+
+    ``DistributedSampler`` lists the (shuffled) indices, appends copies of the first ones up
+    to ``num_samples * num_replicas`` and gives rank r the positions r, r + R, r + 2R, ...;
+    positions ≥ len(dataset) are the copies, so rank r's unique samples are its first
+    ``len(range(r, N, R))`` indices.
+    """
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        s = self.sampler
+        return len(range(s.rank, len(s.dataset), s.num_replicas))
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.sampler), len(self))
+
+
+def _padding_sampler(loader: Any) -> Any:
+    """The loader's ``DistributedSampler`` if it pads this data, else None."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(batch_sampler, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    try:
+        n = len(sampler.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    if sampler.drop_last or sampler.num_replicas <= 1 or n % sampler.num_replicas == 0:
+        return None
+    return sampler
+
+
+def _replayable(data: Any) -> Any:
+    """What to iterate for identical passes: the loader, or an adjusted shallow copy of it."""
+    from torch.utils.data import BatchSampler, DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(data, DataLoader):
+        return data
+    changes: dict[str, Any] = {}
+    if data.persistent_workers and data.num_workers > 0:
+        changes["persistent_workers"] = False
+    sampler = _padding_sampler(data)
+    if sampler is not None:
+        n, r = len(sampler.dataset), sampler.num_replicas  # type: ignore[arg-type]
+        fix = (
+            f"pass DistributedSampler(..., drop_last=True) (drops the last {n % r} samples), or shard "
+            "without padding, e.g. Subset(dataset, range(rank, len(dataset), world_size))"
+        )
+        if type(sampler).__iter__ is not DistributedSampler.__iter__:
+            raise ValueError(
+                f"data: the loader's {type(sampler).__name__} pads {n} samples to a multiple of "
+                f"{r} replicas by repeating some, which would count them twice, and it overrides "
+                f"DistributedSampler.__iter__, so flatness cannot tell the repeats apart; {fix}"
+            )
+        unpadded = _UnpaddedSampler(sampler)
+        if data.batch_sampler is None:
+            changes["sampler"] = unpadded
+        elif type(data.batch_sampler) is BatchSampler and data.batch_sampler.sampler is sampler:
+            changes["sampler"] = unpadded
+            changes["batch_sampler"] = BatchSampler(
+                unpadded, data.batch_sampler.batch_size, data.batch_sampler.drop_last
+            )
+        else:
+            raise ValueError(
+                f"data: the loader's batch sampler ({type(data.batch_sampler).__name__}) draws from "
+                f"a DistributedSampler that pads {n} samples to a multiple of {r} replicas by "
+                f"repeating some, which would count them twice; {fix}"
+            )
+    if not changes:
+        return data
+    clone = copy.copy(data)
+    # DataLoader forbids setting these attributes after construction: set them directly on
+    # the copy (the user's loader is not changed).
+    clone.__dict__.update(changes)
+    clone.__dict__["_iterator"] = None
+    return clone
+
+
 class DataSource:
     """Repeatable passes over the user's data.
 
@@ -154,7 +315,8 @@ class DataSource:
 
     Raises:
         TypeError: ``data`` is a one-shot iterator (a generator), or ``None``.
-        ValueError: ``max_batches`` is not a positive int.
+        ValueError: ``max_batches`` is not a positive int, or a ``DistributedSampler``
+            pads the data in a way that cannot be undone.
     """
 
     def __init__(self, data: Any, *, max_batches: int | None = None) -> None:
@@ -174,19 +336,61 @@ class DataSource:
                     "passes over the data, so pass a DataLoader or a list of batches "
                     "(e.g. list(generator)) instead"
                 )
-            self._batches = data
+            self._batches = _replayable(data)
         self.max_batches = max_batches
         self._generators = _loader_generators(self._batches)
         self._generator_states = [g.get_state() for g in self._generators]
+        # Lists and tuples hold the same batches every time; anything else is checked.
+        self.checked = not isinstance(self._batches, (list, tuple))
+        self._reference: list[list[Any]] | None = None
+        self._prints: list[list[Any]] = []
+        self._n_passes = 0
 
     def __iter__(self) -> Iterator[Any]:
         """One pass; rewinds the loader's own generators first (callers restore them)."""
         for g, state in zip(self._generators, self._generator_states, strict=True):
             g.set_state(state)
+        prints: list[list[Any]] = []
+        self._prints = prints
         for i, batch in enumerate(self._batches):
             if self.max_batches is not None and i >= self.max_batches:
                 break
+            if self.checked:
+                prints.append(_fingerprint(batch))
             yield batch
+
+    def end_pass(self) -> str | None:
+        """After a complete pass: how it differs from the first complete pass, or None."""
+        self._n_passes += 1
+        if not self.checked:
+            return None
+        prints, self._prints = self._prints, []
+        if self._reference is None:
+            self._reference = prints
+            return None
+        ref = self._reference
+        where = None
+        for i, (a, b) in enumerate(zip(ref, prints, strict=False)):
+            if not _same_prints(a, b):
+                shapes_a = [x for x in a if isinstance(x, tuple)]
+                shapes_b = [x for x in b if isinstance(x, tuple)]
+                what = "its contents differ" if shapes_a == shapes_b else "its tensors' shapes differ"
+                where = f"batch {i}: {what}"
+                break
+        if where is None and len(ref) != len(prints):
+            where = f"it has {len(prints)} batches, the first pass had {len(ref)}"
+        if where is None:
+            return None
+        return (
+            f"data: pass {self._n_passes} over the data differs from the first ({where}). Every "
+            "measure makes many passes and needs the same batches in each, but this data source "
+            "does not replay: its shuffling or augmentation draws from a random source that "
+            "flatness cannot reseed (an IterableDataset or transform seeded from OS entropy or "
+            "holding its own generator, a sampler that changes between epochs, ...). Fix: draw "
+            "that randomness from torch's global generator or the DataLoader's generator= "
+            "(both are reseeded every pass), turn augmentation off for the measurement, or "
+            "materialize the batches once: data = list(loader)"
+        )
 
     def save_generators(self) -> list[torch.Tensor]:
         """The current states of the loader's generators, to restore after a pass."""

@@ -67,15 +67,18 @@ def all_reduce_sums(
     *,
     empty: bool,
     bad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, int, int, int]:
-    """Sum (loss, extra, size, #empty ranks, #non-finite ranks) over ranks in one collective.
+    differs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, int, int, int]:
+    """Sum (loss, extra, size, #empty, #non-finite, #non-replaying ranks) in one collective.
 
     Every rank takes part even when its pass failed, so that all ranks raise together
     instead of some waiting forever.
     """
     if group is None:
-        return loss, extra, size, int(empty), int(bad)
-    head = torch.tensor([float(size), float(empty), float(bad)], dtype=loss.dtype, device=loss.device)
+        return loss, extra, size, int(empty), int(bad), int(differs)
+    head = torch.tensor(
+        [float(size), float(empty), float(bad), float(differs)], dtype=loss.dtype, device=loss.device
+    )
     parts = [loss.reshape(1), head]
     if extra is not None:
         parts.append(extra.reshape(-1))
@@ -83,8 +86,9 @@ def all_reduce_sums(
     buf = flat.to(_device_for(group, flat))
     dist.all_reduce(buf, group=group)
     buf = buf.to(flat.device)
-    out_extra = None if extra is None else buf[4:].view_as(extra)
-    return buf[0], out_extra, round(float(buf[1])), round(float(buf[2])), round(float(buf[3]))
+    out_extra = None if extra is None else buf[5:].view_as(extra)
+    flags = [round(float(x)) for x in buf[1:5]]
+    return buf[0], out_extra, flags[0], flags[1], flags[2], flags[3]
 
 
 def broadcast(group: Any, t: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -52,7 +52,9 @@ def select_params(model: nn.Module, params: ParamSpec) -> list[tuple[str, nn.Par
     if callable(params) and not isinstance(params, nn.Module):
         chosen = [(n, p) for n, p in named if params(n, p)]
     else:
-        if isinstance(params, (str, torch.Tensor)) or not isinstance(params, Iterable):
+        if isinstance(params, str):
+            raise TypeError(f"params: got the string {params!r}; pass a list of names, e.g. [{params!r}]")
+        if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
             raise TypeError(
                 "params: expected None, a list of names, a list of parameter tensors or a "
                 f"predicate (name, param) -> bool; got {type(params).__name__}"

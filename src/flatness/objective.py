@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call runs
 
 from flatness import _dist
-from flatness._data import DataSource, batch_size_of, move_batch
+from flatness._data import DataSource, batch_size_of, move_batch, tensors_of
 from flatness._fd import (
     NoSecondDerivativeError,
     _is_reentrant_checkpoint,
@@ -52,7 +53,25 @@ BatchOutputs = Callable[[nn.Module, Any], tuple[Any, Any]]
 
 
 class NonFiniteLossError(ValueError):
-    """The loss (or its derivative) is NaN or infinite on some batch."""
+    """The loss (or its derivative) is NaN or infinite on some batch.
+
+    Attributes:
+        best: where the sharpness measures met a non-finite loss at a perturbed point (not at
+            θ), their result at the best finite point found before it (its ``value`` is a
+            lower bound of the measure); otherwise None.
+    """
+
+    def __init__(self, message: str, *, best: Any = None) -> None:
+        super().__init__(message)
+        self.best = best
+
+
+class _ForwardADFailed(Exception):
+    """Forward-mode AD failed on a batch (not a RuntimeError: ``_pass`` must not explain it)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 _NEEDS_OUTPUTS = (
@@ -137,7 +156,11 @@ class Objective:
         \\quad\\text{(reduction="mean"; "sum" drops the weights)}
 
     Methods evaluate :math:`L`, :math:`\\nabla L` and :math:`\\nabla^2 L\\, v` over a full
-    pass of the data, on the model's device, in the model's dtype or ``dtype``.
+    pass of the data, on the model's device, in the model's dtype or ``dtype``; the sums over
+    batches accumulate in at least float32 (``acc_dtype``), in which losses are returned.
+    Every pass sees the same batches: the global RNGs are seeded with ``data_seed``, the
+    loader's generators rewound, ``persistent_workers`` loaders iterated with fresh workers,
+    ``DistributedSampler`` padding dropped; data whose passes still differ raises ValueError.
 
     Args:
         model: any ``nn.Module`` (DDP / DataParallel wrappers are unwrapped).
@@ -174,7 +197,11 @@ class Objective:
             this process's data alone, no collectives (for measuring on one rank only).
 
     Raises:
-        TypeError, ValueError: with the argument named, for bad input.
+        TypeError, ValueError: with the argument named, for bad input (``data`` for empty
+            batches, data of another floating dtype than the model's, or passes that differ;
+            ``model`` for a model without parameters). Errors raised by the model or the loss
+            function themselves propagate unchanged.
+        NonFiniteLossError: a loss, gradient or HVP that is not finite (naming the batch).
     """
 
     def __init__(
@@ -223,7 +250,7 @@ class Objective:
         self.reduction = reduction
         self.train = bool(train)
         self.hvp_mode = hvp_mode
-        self.data_seed = data_seed
+        self.data_seed = int(data_seed)
         self._size_fn = batch_size
         self._module = _LossModule(self.model, loss_fn, batch_loss, batch_outputs)
         self._group = _dist.resolve_group(process_group)
@@ -253,6 +280,8 @@ class Objective:
         first = chosen[0][1]
         self.device: torch.device = first.device
         self.dtype: torch.dtype = dtype or _promote([p.dtype for _, p in chosen])
+        # Full-data sums accumulate in at least float32 whatever the model's dtype.
+        self.acc_dtype: torch.dtype = torch.promote_types(self.dtype, torch.float32)
         self._cast = dtype
         self.n: int = sum(self.numels)
         chosen_ids = {id(p) for _, p in chosen}
@@ -401,11 +430,12 @@ class Objective:
         ``per_batch(batch)`` returns the batch's scalar loss and a flat ``extra`` tensor of
         ``extra_numel`` numbers (gradient, HVP, per-point losses...) or None. With
         ``check_finite=False`` non-finite values pass through (landscape grids keep NaN).
+        The sums accumulate in ``self.acc_dtype`` (at least float32: a bfloat16 sum of a few
+        hundred batch losses is off by percents) and are returned in it.
         """
-        total_loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        total_extra = (
-            None if extra_numel is None else torch.zeros(extra_numel, dtype=self.dtype, device=self.device)
-        )
+        acc = self.acc_dtype
+        total_loss = torch.zeros((), dtype=acc, device=self.device)
+        total_extra = None if extra_numel is None else torch.zeros(extra_numel, dtype=acc, device=self.device)
         losses: list[torch.Tensor] = []
         total_size = 0
         with model_guard(self.model):
@@ -416,18 +446,23 @@ class Objective:
                 for batch in self.data:
                     size = batch_size_of(batch, self._size_fn)
                     batch = move_batch(batch, self.device, self._cast)
-                    loss, extra = per_batch(batch)
+                    try:
+                        loss, extra = per_batch(batch)
+                    except RuntimeError as e:
+                        self._explain_dtype_error(batch, e)
+                        raise
                     w = float(size) if self.reduction == "mean" else 1.0
                     loss = loss.detach()
                     losses.append(loss)
-                    total_loss = total_loss + w * loss.to(self.dtype)
+                    total_loss = total_loss + w * loss.to(acc)
                     if total_extra is not None and extra is not None:
                         # NaN and ±inf survive the sum, so one check of the total suffices.
-                        total_extra.add_(extra.detach().reshape(-1).to(self.dtype), alpha=w)
+                        total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=w)
                     total_size += size
             finally:
                 self.data.restore_generators(saved)
         self.n_passes += 1
+        differs = self.data.end_pass()
         # One host synchronization per pass, not one per batch.
         finite = torch.isfinite(torch.stack(losses)) if losses else torch.ones(1, dtype=torch.bool)
         if not check_finite:
@@ -436,12 +471,20 @@ class Objective:
             ok = bool(finite.all() & torch.isfinite(total_extra).all())
         else:
             ok = bool(finite.all())
-        total_loss, total_extra, total_size, n_empty, n_bad = _dist.all_reduce_sums(
-            self._group, total_loss, total_extra, total_size, empty=not losses, bad=not ok
+        total_loss, total_extra, total_size, n_empty, n_bad, n_differ = _dist.all_reduce_sums(
+            self._group,
+            total_loss,
+            total_extra,
+            total_size,
+            empty=not losses,
+            bad=not ok,
+            differs=differs is not None,
         )
         if n_empty:
             where = "" if self._group is None else f" on {n_empty} rank(s); every rank needs a shard"
             raise ValueError(f"data: the data yielded no batches{where}; pass at least one batch")
+        if n_differ:
+            raise ValueError(differs or f"data: the passes over the data differ on {n_differ} other rank(s)")
         if n_bad:
             bad = (~finite).nonzero()
             if not ok and bad.numel():
@@ -451,9 +494,28 @@ class Objective:
                     f"computing the {what}; check the model, the data and the parameters"
                 )
             where = "on this rank" if not ok else "on another rank"
-            raise NonFiniteLossError(f"the {what} is not finite ({where})")
+            raise NonFiniteLossError(
+                f"the {what} is not finite ({where}) although the loss is finite on every batch; "
+                "check the model, the data and the parameters"
+            )
         scale = 1.0 / total_size if self.reduction == "mean" else 1.0
         return total_loss * scale, None if total_extra is None else total_extra * scale
+
+    def _explain_dtype_error(self, batch: Any, error: RuntimeError) -> None:
+        """Raise a TypeError naming ``data`` when a batch's floating dtype differs from the model's."""
+        if self._cast is not None:
+            return
+        model_dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        data_dtypes = {t.dtype for t in tensors_of(batch) if t.is_floating_point()}
+        if not model_dtypes or not data_dtypes or data_dtypes <= model_dtypes:
+            return
+        data_names = ", ".join(sorted(str(d).removeprefix("torch.") for d in data_dtypes))
+        model_names = ", ".join(sorted(str(d).removeprefix("torch.") for d in model_dtypes))
+        raise TypeError(
+            f"data: the batch holds {data_names} tensors but the model's parameters are "
+            f"{model_names} ({error}); convert the data to the model's dtype, or pass "
+            f"dtype=torch.float64 (or another floating dtype) to compute everything in that dtype"
+        ) from error
 
     # ------------------------------------------------------------------ public evaluations
     def loss(self, theta: Any = None) -> torch.Tensor:
@@ -477,7 +539,7 @@ class Objective:
         self.n_grad += 1
         loss, grad = self._pass(per_batch, "gradient", extra_numel=self.n)
         assert grad is not None
-        return loss, grad
+        return loss, grad.to(self.dtype)
 
     def grad(self, theta: Any = None) -> torch.Tensor:
         """∇L(θ) over one full pass."""
@@ -568,8 +630,11 @@ class Objective:
                 def f(t: torch.Tensor) -> torch.Tensor:
                     return self._batch_loss(t, batch)
 
-                with _math_attention():
-                    (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                try:
+                    with _math_attention():
+                        (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
+                except (RuntimeError, NotImplementedError) as e:
+                    raise _ForwardADFailed(e) from e
                 return loss, hv
 
         else:
@@ -588,6 +653,19 @@ class Objective:
         self.n_hvp += 1
         try:
             hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
+        except _ForwardADFailed as e:
+            # Forward-mode AD is missing or broken for some ops (torch 2.13: F.mse_loss under
+            # jvp(grad) raises "ZeroTensors are immutable"). Double backward is exact too.
+            self._forward = False
+            warnings.warn(
+                f"hvp_mode='forward': forward-mode AD fails on this model and loss "
+                f"({type(e.error).__name__}: {str(e.error)[:200]}); using double backward "
+                "(hvp_mode='reverse', also exact) for this and later products",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.n_hvp -= 1
+            return self._hvp(v, theta, forward=False)
         except (RuntimeError, NotImplementedError) as err:
             clear = explain(err, "forward" if forward else "reverse")
             if clear is None:
@@ -598,7 +676,7 @@ class Objective:
         if not forward:
             self._checked_second = True
         assert hv is not None
-        return hv
+        return hv.to(self.dtype)
 
     @property
     def hvp_mode_used(self) -> str:

@@ -138,7 +138,14 @@ class Operator:
             raise ValueError(
                 f"matvec: returned {out.shape[0]} numbers for a vector of size n={self.space.n_local}"
             )
-        return out.to(device=v.device, dtype=v.dtype)
+        out = out.to(device=v.device, dtype=v.dtype)
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise ValueError(
+                f"matvec: returned {bad} non-finite value(s) (NaN or inf) out of {out.shape[0]}; the "
+                "operator must map finite vectors to finite vectors (check its scale and the dtype)"
+            )
+        return out
 
 
 def _dtype(dtype: Any) -> torch.dtype:

@@ -42,6 +42,13 @@ def _check_normalization(normalization: Any) -> None:
         raise ValueError(f"normalization: got {normalization!r}; expected 'filter', 'layer' or None")
 
 
+def _check_seed(seed: Any) -> int:
+    """``seed`` as a Python int (NumPy integers accepted); a TypeError naming it otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an int, got {seed!r}")
+    return int(seed)
+
+
 def _named(model: nn.Module, params: ParamSpec) -> list[tuple[str, torch.Tensor]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -292,11 +299,17 @@ def pca_directions(
     """
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components <= 0:
         raise ValueError(f"n_components: got {n_components!r}; expected a positive int")
-    named, _ = _flat_names(model, params)
-    if not isinstance(checkpoints, Sequence) or len(checkpoints) < n_components + 1:
-        got = len(checkpoints) if isinstance(checkpoints, Sequence) else type(checkpoints).__name__
+    named, n = _flat_names(model, params)
+    if n_components > n:
+        raise ValueError(f"n_components: got {n_components}; the model has only n = {n} parameters in θ")
+    if not isinstance(checkpoints, Sequence) or isinstance(checkpoints, (str, bytes)):
+        raise TypeError(
+            f"checkpoints: expected a list of models or state dicts, got {type(checkpoints).__name__}"
+        )
+    if len(checkpoints) < n_components + 1:
         raise ValueError(
-            f"checkpoints: got {got}; {n_components} components need at least {n_components + 1}"
+            f"checkpoints, n_components: got {len(checkpoints)} checkpoints; n_components="
+            f"{n_components} needs at least {n_components + 1} (pass more checkpoints or fewer components)"
         )
     final = torch.cat([w.reshape(-1).to(device="cpu", dtype=torch.float64) for _, w in named])
     m = torch.stack([_checkpoint_vector(c, named, i) - final for i, c in enumerate(checkpoints)])

@@ -131,7 +131,7 @@ def evaluate_many(
     def compute(batch: Any) -> torch.Tensor:
         """Loss and metrics of one batch at the parameters now swapped into the model."""
         if not names:
-            return obj._scalar_loss(obj._module(batch)).reshape(1).to(obj.dtype)
+            return obj._scalar_loss(obj._module(batch)).reshape(1).to(obj.acc_dtype)
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError("data: metrics need (inputs, targets) batches")
         inputs, targets = batch
@@ -140,7 +140,7 @@ def evaluate_many(
         out += [metrics[m](outputs, targets) for m in names]
         return torch.stack(
             [
-                (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))).reshape(()).to(obj.dtype)
+                (v if isinstance(v, torch.Tensor) else torch.tensor(float(v))).reshape(()).to(obj.acc_dtype)
                 for v in out
             ]
         )
@@ -244,7 +244,7 @@ def evaluate_many(
                     out = run_loop(batch)
             else:
                 out = run_vmap(batch) if mode["vmap"] else run_loop(batch)
-        return torch.zeros((), dtype=obj.dtype, device=obj.device), out.reshape(-1)
+        return torch.zeros((), dtype=obj.acc_dtype, device=obj.device), out.reshape(-1)
 
     width = 1 + len(names)
     obj.n_loss += k

@@ -26,6 +26,7 @@ from flatness.landscape.directions import (
     Normalization,
     _check_direction,
     _check_normalization,
+    _check_seed,
     _named,
     normalize_direction,
     random_direction,
@@ -186,6 +187,7 @@ class _Grid:
         alphas, betas: the axes; directions: as reported in the result.
         normalization, seed: as reported in the result.
         nonfinite_hint: the likely cause named when points have a non-finite loss.
+        center_name: what the centre is, named when its own loss is not finite.
     """
 
     kind: type[LandscapeResult]
@@ -200,6 +202,7 @@ class _Grid:
     normalization: str | None = None
     seed: int | None = None
     nonfinite_hint: str = "the grid may reach too far from the centre"
+    center_name: str = "the model's parameters"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +318,16 @@ def _run_grid(obj: Objective, grid: _Grid, run: _Evaluation) -> LandscapeResult:
     finally:
         bar.close()
     out = result()
-    if out.n_nonfinite:
+    if out.n_nonfinite and not math.isfinite(out.center_loss):
+        warnings.warn(
+            f"{out.n_nonfinite} of {total} grid points have a non-finite loss (kept as NaN/inf in "
+            f".loss), and the loss at the centre itself ({grid.center_name}) is {out.center_loss}: the "
+            "model, the data or the loss function produce it, not the grid's reach; check them "
+            "(e.g. flatness.Objective(model, loss_fn, data).loss())",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif out.n_nonfinite:
         warnings.warn(
             f"{out.n_nonfinite} of {total} grid points have a non-finite loss (kept as NaN/inf in .loss); "
             + grid.nonfinite_hint,
@@ -390,6 +402,7 @@ def landscape_1d(
     """
     check_options(landscape_1d, options)
     _check_normalization(normalization)
+    seed = _check_seed(seed)
     a = _coords(alphas, "alphas")
     metrics_d = _check_metrics(metrics)
     params = options.get("params")
@@ -481,6 +494,7 @@ def landscape_2d(
     """
     check_options(landscape_2d, options)
     _check_normalization(normalization)
+    seed = _check_seed(seed)
     a = _coords(alphas, "alphas")
     b = _coords(betas, "betas")
     metrics_d = _check_metrics(metrics)
@@ -637,6 +651,7 @@ def interpolate(
             alphas=a,
             betas=None,
             directions=[direction],
+            center_name="model_a's parameters, alpha = 0",
             nonfinite_hint=(
                 "interpolated buffers (e.g. BatchNorm running_var) can turn negative outside "
                 "alpha in [0, 1]; pass interpolate_buffers=False to keep model_a's buffers"

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -129,16 +130,32 @@ def load_landscape(path: str | os.PathLike[str]) -> LandscapeResult:
     """Load a landscape result saved with ``result.save(path)``.
 
     Raises:
-        ValueError: the file is not a flatness landscape result.
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a flatness landscape result (naming ``path``).
     """
+    try:
+        return _load(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"path: no file {os.fspath(path)!r} ({e.strerror})") from e
+    except (ValueError, KeyError, OSError, TypeError, zipfile.BadZipFile) as e:
+        if isinstance(e, ValueError) and str(e).startswith("path: "):
+            raise
+        raise ValueError(
+            f"path: {os.fspath(path)!r} is not a flatness landscape result written by result.save "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def _load(path: str | os.PathLike[str]) -> LandscapeResult:
     with np.load(path, allow_pickle=False) as z:
+        if not hasattr(z, "files"):
+            raise ValueError(f"path: {os.fspath(path)!r} is a single array, not a flatness landscape result")
         if "meta" not in z.files:
             raise ValueError(f"path: {os.fspath(path)!r} is not a flatness landscape result (no 'meta')")
         meta: dict[str, Any] = json.loads(str(z["meta"]))
-        if meta.get("format") != _FORMAT or meta.get("kind") not in _KINDS:
-            raise ValueError(
-                f"path: unsupported landscape file (format {meta.get('format')}, kind {meta.get('kind')})"
-            )
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("kind") not in _KINDS:
+            get = meta.get if isinstance(meta, dict) else (lambda _k: None)
+            raise ValueError(f"path: unsupported landscape file (format {get('format')}, kind {get('kind')})")
         directions = [
             {name: torch.from_numpy(z[f"direction{i}::{name}"].copy()) for name in names}
             for i, names in enumerate(meta["directions"])
