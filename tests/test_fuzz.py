@@ -599,6 +599,41 @@ def test_fuzz_hessian_operator(data):
 
 @FUZZ
 @given(st.data())
+def test_fuzz_curvature_operators(data):
+    """GGN, Fisher and empirical Fisher on the same odd models, data and options."""
+    draw = data.draw
+    p, d, opts, must, may = problem_and_data(draw)
+    curvature = draw(st.sampled_from(["ggn", "fisher", "empirical_fisher", "gauss-newton"]))
+    if d.nan:
+        may |= {"data"}
+    if curvature == "gauss-newton":
+        must.add("curvature")
+    elif curvature != "empirical_fisher":
+        if "batch_loss" in opts:
+            must.add("batch_loss")
+        # a loss the Fisher cannot name a likelihood for, or outputs that are not one tensor
+        may |= {"likelihood", "model outputs"}
+    else:
+        may |= {"batch_size", "data"}  # per-sample losses need per-sample tensors
+    way = draw(st.sampled_from(["function", "class"]))
+    classes = {
+        "ggn": flatness.GGNOperator,
+        "fisher": flatness.FisherOperator,
+        "empirical_fisher": flatness.EmpiricalFisherOperator,
+    }
+    with contract(p.model, must, may) as out:
+        if way == "function" or curvature not in classes:
+            op = flatness.curvature_operator(p.model, loss_fn_for(p, d), d.value, curvature=curvature, **opts)
+        else:
+            op = classes[curvature](p.model, loss_fn_for(p, d), d.value, **opts)
+        n = op.shape[0]
+        out["result"] = [op @ torch.ones(n), op.to_scipy() @ np.ones(n)]
+    if out["raised"] is None:
+        check_result(out["result"])
+
+
+@FUZZ
+@given(st.data())
 def test_fuzz_monitor(data):
     draw = data.draw
     p, d, opts, must, may = problem_and_data(draw)
@@ -774,6 +809,11 @@ def test_every_public_function_is_fuzzed():
         "interpolate",
         "Objective",
         "HessianOperator",
+        "CurvatureOperator",
+        "GGNOperator",
+        "FisherOperator",
+        "EmpiricalFisherOperator",
+        "curvature_operator",
         "Monitor",
         "random_direction",
         "eigen_directions",
