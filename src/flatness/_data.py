@@ -145,7 +145,9 @@ def batch_size_of(batch: Any, size_fn: Callable[[Any], int] | None = None) -> in
             )
         return chosen[1]
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f"batch_size: returned {size!r} for a batch: a batch size is a positive int, not size {size!r}")
+        raise ValueError(
+            f"batch_size: returned {size!r} for a batch: a batch size is a positive int, not size {size!r}"
+        )
     return int(size)
 
 
