@@ -75,7 +75,9 @@ def test_huggingface_example(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_transformer_example():
+def test_fsdp_transformer_example(monkeypatch):
+    # Spawned ranks import the example by name: put its folder on the path they inherit.
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     result = load("fsdp_transformer").main(["--ranks", "2", "--layers", "1", "--d-model", "16"])
     vals, _, converged, _ = result["topk"]
     assert converged and vals[0] >= vals[1] > 0
