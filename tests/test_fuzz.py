@@ -128,6 +128,7 @@ class Data:
     may: set[str] = field(default_factory=set)
     nan: bool = False  # a non-finite number somewhere in the inputs
     mixed: bool = False  # floating data of another dtype than the model's
+    ambiguous: bool = False  # tensors of different leading sizes: a warning names them
 
 
 def _splits(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -154,7 +155,7 @@ def data_for(draw: st.DrawFn, p: Problem) -> Data:
                 "zero_size",
                 "nonfinite",
                 "mixed_dtype",
-                "scalar_first",
+                "ambiguous",
                 "no_tensor",
             ]
         )
@@ -197,10 +198,11 @@ def data_for(draw: st.DrawFn, p: Problem) -> Data:
         return Data(
             _splits(x.to(other), y.to(other) if not p.classes else y, sizes), may={"data"}, mixed=True
         )
-    if kind == "scalar_first":
-        return Data(
-            [(torch.tensor(1.0, dtype=x.dtype), (a, b)) for a, b in _splits(x, y, sizes)], must={"data"}
-        )
+    if kind == "ambiguous":
+        # A per-batch tensor of another length first: the size rule weights by it, with a
+        # warning naming the tensors (batch_size= chooses); the call itself succeeds.
+        batches = [{"mask": torch.ones(7, dtype=x.dtype), "x": a, "y": b} for a, b in _splits(x, y, sizes)]
+        return Data(batches, batch_loss=lambda m, b: loss_fn(m(b["x"]), b["y"]), ambiguous=True)
     if kind == "no_tensor":
         return Data([("text", a.tolist(), b.tolist()) for a, b in _splits(x, y, sizes)], must={"data"})
     raise AssertionError(kind)
@@ -253,7 +255,11 @@ def options(
 
 
 # ---------------------------------------------------------------------------- the contract
-def _finite(x: Any) -> bool:
+def _finite(x: Any, nan_ok: frozenset[str] = frozenset()) -> bool:
+    if isinstance(x, flatness.results.Result):
+        import dataclasses
+
+        return all(_finite(getattr(x, f.name), nan_ok) for f in dataclasses.fields(x) if f.name not in nan_ok)
     if isinstance(x, torch.Tensor):
         return bool(torch.isfinite(x).all()) if x.is_floating_point() else True
     if isinstance(x, np.ndarray):
@@ -261,23 +267,15 @@ def _finite(x: Any) -> bool:
     if isinstance(x, float):
         return math.isfinite(x)
     if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
+        return all(_finite(v, nan_ok) for v in x.values())
     if isinstance(x, (list, tuple)):
-        return all(_finite(v) for v in x)
+        return all(_finite(v, nan_ok) for v in x)
     return True
 
 
 def check_result(res: Any, *, nan_ok: frozenset[str] = frozenset()) -> None:
     """Every number of a result is finite, except the named fields (documented NaN cases)."""
-    if isinstance(res, flatness.results.Result):
-        import dataclasses
-
-        for f in dataclasses.fields(res):
-            if f.name in nan_ok:
-                continue
-            assert _finite(getattr(res, f.name)), (type(res).__name__, f.name, getattr(res, f.name))
-    else:
-        assert _finite(res), res
+    assert _finite(res, nan_ok), res
 
 
 @contextlib.contextmanager
@@ -339,6 +337,12 @@ def problem_and_data(draw: st.DrawFn, kinds: list[str] | None = None) -> tuple[P
     return p, d, opts, must, may
 
 
+def check_warnings(d: Data, out: dict[str, Any]) -> None:
+    """After a successful call on ambiguous batches, a warning named the tensors' sizes."""
+    if d.ambiguous and out["raised"] is None:
+        assert any("different leading sizes" in w for w in out["warnings"]), out["warnings"]
+
+
 def loss_fn_for(p: Problem, d: Data) -> Any:
     return None if d.batch_loss is not None else p.loss_fn
 
@@ -368,6 +372,10 @@ AVERAGE = {
     "adaptive": Opt([True, False], ["yes"]),
     "eta": Opt([0.0, 0.1], [-1.0, NAN]),
     "seed": SEED,
+}
+CURVATURE = {
+    "curvature": Opt(["hessian", "ggn", "fisher", "empirical_fisher"], ["laplace", 1, None]),
+    "blocks": Opt([None, "module", "parameter"], ["rows", 5]),
 }
 TOPK = {
     "k": Opt([1, 2], [0, -1, 10**6, 1.5]),
@@ -413,7 +421,16 @@ NAN_OK = {
 
 def _run_model_level(draw: st.DrawFn, fn_name: str, table: dict[str, Opt], required: dict[str, Any]) -> None:
     p, d, opts, must, may = problem_and_data(draw)
+    if fn_name.startswith("hessian_"):
+        table = {**table, **CURVATURE}
     fn_opts, fn_bad = draw(options(table))
+    curvature = fn_opts.get("curvature", "hessian")
+    if curvature in ("ggn", "fisher", "empirical_fisher") and "curvature" not in fn_bad:
+        # They need the model's outputs apart from the loss (not an opaque batch_loss), and the
+        # Fisher a likelihood it can infer from the loss function (cross-entropy or MSE).
+        may |= {"batch_loss", "likelihood", "loss_fn", "curvature"}
+    if fn_opts.get("blocks") is not None and "blocks" not in fn_bad:
+        may |= {"k", "blocks"}  # a block may hold fewer parameters than k + 1
     for name, value in required.items():
         fn_opts.setdefault(name, value)
     must |= fn_bad
@@ -427,6 +444,7 @@ def _run_model_level(draw: st.DrawFn, fn_name: str, table: dict[str, Opt], requi
         may |= {"data"}
     with contract(p.model, must, may) as out:
         out["result"] = _call_model_level(fn_name, p, d, opts, fn_opts)
+    check_warnings(d, out)
     if out["raised"] is None:
         check_result(out["result"], nan_ok=NAN_OK.get(fn_name, frozenset()))
         res = out["result"]
@@ -504,6 +522,7 @@ def _run_grid(draw: st.DrawFn, fn_name: str) -> None:
             assert_untouched(other, before_b)
         else:
             out["result"] = fn(p.model, loss_fn_for(p, d), d.value, **fn_opts, **opts)
+    check_warnings(d, out)
     if out["raised"] is None:
         res = out["result"]
         if d.nan and not np.isfinite(res.loss).all():
@@ -568,10 +587,13 @@ def test_fuzz_objective_methods(data):
         results.append(losses)
         results.append(obj.flatten(obj.unflatten(obj.theta0)))
         out["result"] = results
+    check_warnings(d, out)
     if out["raised"] is None:
         check_result(out["result"])
-        # Whatever the batch structure, the loss is the size-weighted mean over the samples.
-        if opts.get("reduction", "mean") == "mean" and opts.get("max_batches") is None and not d.nan:
+        # Whatever the batch structure, the loss is the size-weighted mean over the samples
+        # (ambiguous batches are weighted by the tensor the rule picks, as the warning says).
+        mean = opts.get("reduction", "mean") == "mean"
+        if mean and opts.get("max_batches") is None and not d.nan and not d.ambiguous:
             plain = {k: v for k, v in opts.items() if k != "batch_loss"}
             ref = flatness.Objective(p.model, p.loss_fn, (p.x.to(obj.dtype), p.y), **plain).loss()
             tol = 1e-10 if obj.dtype == D else 1e-5

@@ -359,6 +359,13 @@ def test_lanczos_on_an_infinite_matvec_is_a_clear_error():
         lanczos_eigsh(lambda v: v * math.inf, 5, 1)
     with pytest.raises(ValueError, match="matvec: returned 1 non-finite"):
         lanczos_eigsh(lambda v: torch.cat([v[:-1], torch.tensor([math.nan], dtype=v.dtype)]), 5, 1)
+    # The trace and density routines too (before: an inf estimate, or nodes silently dropped).
+    from flatness import hutchpp, slq_density
+
+    with pytest.raises(ValueError, match="matvec: returned 5 non-finite"):
+        hutchpp(lambda v: v * math.inf, 5, n_matvec=6)
+    with pytest.raises(ValueError, match="matvec: returned 5 non-finite"):
+        slq_density(lambda v: v * math.inf, 5, n_runs=1, n_steps=3)
 
 
 def test_mixed_data_and_model_dtypes_name_data_and_dtypes():
@@ -431,6 +438,11 @@ def test_fuzz_findings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="n_components: got 100"):
         pca_directions(model, checkpoints, n_components=100)
     assert_untouched(model, before)
+    # A normalization of another type than str is named, not compared elementwise.
+    from flatness import random_direction
+
+    with pytest.raises(ValueError, match="normalization: got array"):
+        random_direction(model, normalization=np.array(["filter"]))
     # Files that are not landscapes.
     from flatness import load_landscape
 

@@ -38,7 +38,9 @@ _EPS = 1e-10  # as in Li et al.'s code: keeps an all-zero direction zero
 
 
 def _check_normalization(normalization: Any) -> None:
-    if normalization not in ("filter", "layer", None):
+    if not (
+        normalization is None or (isinstance(normalization, str) and normalization in ("filter", "layer"))
+    ):
         raise ValueError(f"normalization: got {normalization!r}; expected 'filter', 'layer' or None")
 
 
