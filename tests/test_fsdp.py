@@ -222,6 +222,13 @@ def _model_level(rank, state_dicts):
         except ValueError as err:
             errors[key] = str(err)
     out["errors"] = errors
+    try:
+        flatness.Objective(model, F.cross_entropy, data)
+    except TypeError as err:
+        out["objective_error"] = str(err)
+    op = flatness.HessianOperator(model, F.cross_entropy, data)
+    out["op_v"] = obj.space.randn(torch.Generator().manual_seed(9))
+    out["op_mv"] = op @ out["op_v"]
     out["untouched"] = same_state(before, local_state(model))
     # float32: the finite-difference eigenvalues within 1e-3 of the exact ones.
     m32 = _sharded({k: v.float() for k, v in state_dicts["a"].items()}, torch.float32)
@@ -358,6 +365,9 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(torch.as_tensor(r0[key]), torch.as_tensor(r1[key])), key
     for key in ("trace", "sharp", "avg"):
         assert r0[key] == r1[key], key
+    assert "fully_shard" in r0["objective_error"]
+    # HessianOperator on the sharded model: local vectors in and out.
+    assert rel(gather(ranks, "op_mv"), obj.hvp(gather(ranks, "op_v"))) < 1e-8
     # Eigenvectors: each rank holds its shards; together the exact eigenvectors (up to sign).
     vecs = gather(ranks, "top_vecs")
     for i in range(5):

@@ -245,6 +245,16 @@ class Objective:
             raise TypeError(f"batch_size: expected a callable(batch) -> int, got {batch_size!r}")
         data_seed = check_seed(data_seed, "data_seed")
 
+        from flatness._fsdp import check_not_fsdp1, is_sharded
+
+        check_not_fsdp1(model)
+        if is_sharded(model):
+            raise TypeError(
+                "model: its parameters are sharded with fully_shard (DTensors), and Objective holds "
+                "whole vectors; the model-level functions (hessian_topk, hessian_trace, "
+                "hessian_density, sharpness, landscapes) and HessianOperator detect sharded models "
+                "themselves, and flatness._fsdp.ShardedObjective is the objective of one"
+            )
         self.model = unwrap(model)
         self.data = DataSource(data, max_batches=max_batches)
         self.reduction = reduction
