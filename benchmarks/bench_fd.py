@@ -1,6 +1,7 @@
 """Accuracy of finite-difference Hessian-vector products in float64 / float32 / bfloat16.
 
 Usage: python benchmarks/bench_fd.py [--samples 512] [--models mlp cnn transformer relu]
+                                    [--dtypes float64 float32 bfloat16]
 
 For each model (an MLP 64-32-32-10 with tanh, a CNN with SiLU and average pooling, a 2-layer
 GELU transformer encoder built from a config, and the ReLU MLP of the other benchmarks) and each
@@ -103,10 +104,17 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def measure(name, model, loss_fn, batches):
+DTYPES = {
+    "float64": (torch.float64, 1e-8),
+    "float32": (torch.float32, 1e-4),
+    "bfloat16": (torch.bfloat16, 1e-2),
+}
+
+
+def measure(name, model, loss_fn, batches, dtypes=tuple(DTYPES)):
     print(f"\n{name}: n = {sum(p.numel() for p in model.parameters()):,}")
     print(f"{'dtype':>9} {'mode':>18} {'HVP rel err':>12} {'top-5 max rel err':>18} {'HVPs':>5}")
-    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+    for dtype, tol in (DTYPES[d] for d in dtypes):
         m = copy.deepcopy(model).to(dtype)
         data = cast_batches(batches, dtype)
         ref_model = copy.deepcopy(m).double()  # the same (rounded) weights, in float64
@@ -128,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer", "relu"])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     args = parser.parse_args()
     problems = {
         "mlp": ("MLP 64-32-32-10, tanh", lambda: tanh_mlp_problem(n=args.samples)),
@@ -143,7 +152,7 @@ def main() -> None:
     }
     for key in args.models:
         name, make = problems[key]
-        measure(name, *make())
+        measure(name, *make(), dtypes=args.dtypes)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,13 @@ def _model_level(rank, state_dicts):
         except ValueError as err:
             errors[key] = str(err)
     out["errors"] = errors
+    try:
+        flatness.Objective(model, F.cross_entropy, data)
+    except TypeError as err:
+        out["objective_error"] = str(err)
+    op = flatness.HessianOperator(model, F.cross_entropy, data)
+    out["op_v"] = obj.space.randn(torch.Generator().manual_seed(9))
+    out["op_mv"] = op @ out["op_v"]
     out["untouched"] = same_state(before, local_state(model))
     # float32: the finite-difference eigenvalues within 1e-3 of the exact ones.
     m32 = _sharded({k: v.float() for k, v in state_dicts["a"].items()}, torch.float32)
@@ -358,6 +365,9 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(torch.as_tensor(r0[key]), torch.as_tensor(r1[key])), key
     for key in ("trace", "sharp", "avg"):
         assert r0[key] == r1[key], key
+    assert "fully_shard" in r0["objective_error"]
+    # HessianOperator on the sharded model: local vectors in and out.
+    assert rel(gather(ranks, "op_mv"), obj.hvp(gather(ranks, "op_v"))) < 1e-8
     # Eigenvectors: each rank holds its shards; together the exact eigenvectors (up to sign).
     vecs = gather(ranks, "top_vecs")
     for i in range(5):
@@ -395,3 +405,46 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
     assert torch.allclose(torch.as_tensor(r0["line"]), torch.as_tensor(line.loss), rtol=1e-12)
     interp = flatness.interpolate(model, model_b, F.cross_entropy, data, alphas=c)
     assert torch.allclose(torch.as_tensor(r0["interp"]), torch.as_tensor(interp.loss), rtol=1e-12)
+
+
+def test_sharded_space_in_one_process():
+    """The space's draws, orthonormalization and the algorithms on it, without a process group."""
+    from flatness._fsdp import ShardedVectorSpace
+    from flatness.algorithms import hutchpp, lanczos_eigsh
+
+    n = 37
+    whole = ShardedVectorSpace([(0, n)], n, dtype=torch.float64)
+    pieces = [(0, 5), (5, 20), (20, 37)]
+    for draw in ("randn", "rademacher"):
+        full = getattr(whole, draw)(torch.Generator().manual_seed(4), 3)
+        for a, b in pieces:  # each "rank" draws only its range: the same entries
+            part = ShardedVectorSpace([(a, b)], n, dtype=torch.float64)
+            assert torch.equal(getattr(part, draw)(torch.Generator().manual_seed(4), 3), full[:, a:b])
+    z = whole.randn(torch.Generator().manual_seed(0), 4000)
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    signs = whole.rademacher(torch.Generator().manual_seed(0))
+    assert set(signs.tolist()) == {-1.0, 1.0}
+    # CholeskyQR2: orthonormal rows spanning the input; zero rows for a rank deficiency.
+    rows = whole.randn(torch.Generator().manual_seed(1), 6)
+    q = whole.orthonormalize(rows)
+    assert torch.allclose(q @ q.T, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(rows @ q.T @ q, rows, atol=1e-10)
+    q = whole.orthonormalize(torch.cat([rows[:3], rows[:1] + rows[1:2]]))
+    assert torch.allclose((q @ q.T).diagonal().sum(), torch.tensor(3.0, dtype=torch.float64), atol=1e-9)
+
+    class Op:  # a dense symmetric matrix as an operator whose space is the sharded one
+        shape = (n, n)
+        dtype, device, space = torch.float64, torch.device("cpu"), whole
+
+        def __init__(self, A):
+            self.A = A
+
+        def matvec(self, v):
+            return self.A @ v
+
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = B @ B.T / n
+    top = lanczos_eigsh(Op(A), k=3, tol=1e-10)
+    assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-9)
+    assert hutchpp(Op(A), n_matvec=3 * n).estimate == pytest.approx(float(A.trace()), rel=1e-9)

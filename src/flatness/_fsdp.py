@@ -569,11 +569,13 @@ class ShardedObjective:
                     bad = bad or not bool(torch.isfinite(value))
                     total = total + w * value
                     size += m
-            grads = []
+            pieces = []
             for p, loc in zip(self._params, self._locals, strict=True):
                 g = p.grad
-                grads.append(torch.zeros_like(loc) if g is None else g.to_local().detach().clone())  # type: ignore[attr-defined]
-            grad = torch.cat([g.reshape(-1).to(self.dtype) for g in grads])
+                g = torch.zeros_like(loc) if g is None else g.to_local().detach()  # type: ignore[attr-defined]
+                pieces.append(g.reshape(-1).to(self.dtype))
+            grad = torch.cat(pieces)  # one copy; the .grad fields are restored below
+            del pieces
             bad = bad or not bool(torch.isfinite(grad).all())
         loss, scale = self._finish(total, size, bad, what)
         # FSDP averages the reduce-scattered gradient over the ranks: undo that, then weight.
@@ -618,8 +620,11 @@ class ShardedObjective:
             return torch.zeros_like(theta)
         h = self.fd_step(theta)
         what = "finite-difference Hessian-vector product"
-        _, g_plus = self._grad_pass(theta + v * (h / vnorm), what)
-        _, g_minus = self._grad_pass(theta - v * (h / vnorm), what)
+        point = torch.add(theta, v, alpha=h / vnorm)  # θ + h v̂, then θ − h v̂ in the same buffer
+        _, g_plus = self._grad_pass(point, what)
+        torch.add(theta, v, alpha=-h / vnorm, out=point)
+        _, g_minus = self._grad_pass(point, what)
+        del point
         return g_plus.sub_(g_minus).mul_(vnorm / (2.0 * h))
 
     # ------------------------------------------------------------------ many points

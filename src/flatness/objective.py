@@ -245,6 +245,16 @@ class Objective:
             raise TypeError(f"batch_size: expected a callable(batch) -> int, got {batch_size!r}")
         data_seed = check_seed(data_seed, "data_seed")
 
+        from flatness._fsdp import check_not_fsdp1, is_sharded
+
+        check_not_fsdp1(model)
+        if is_sharded(model):
+            raise TypeError(
+                "model: its parameters are sharded with fully_shard (DTensors), and Objective holds "
+                "whole vectors; the model-level functions (hessian_topk, hessian_trace, "
+                "hessian_density, sharpness, landscapes) and HessianOperator detect sharded models "
+                "themselves, and flatness._fsdp.ShardedObjective is the objective of one"
+            )
         self.model = unwrap(model)
         self.data = DataSource(data, max_batches=max_batches)
         self.reduction = reduction
@@ -603,9 +613,8 @@ class Objective:
         if vnorm == 0.0:
             return torch.zeros_like(theta)
         h = self.fd_step(theta)
-        step = v * (h / vnorm)
-        plus, minus = theta + step, theta - step
-        del step
+        c = h / vnorm
+        point = torch.empty_like(theta)  # θ + h v̂, then θ − h v̂ (one buffer, refilled per batch)
 
         def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             # Both gradients see the same random numbers (dropout, augmentation). Their
@@ -613,9 +622,11 @@ class Objective:
             # does not carry the gradients' magnitude (a correctly rounded subtraction adds an
             # error relative to the difference only).
             with same_randomness() as replay:
-                loss, g_plus = self._batch_grad(plus, batch)
+                torch.add(theta, v, alpha=c, out=point)
+                loss, g_plus = self._batch_grad(point, batch)
                 replay()
-                _, g_minus = self._batch_grad(minus, batch)
+                torch.add(theta, v, alpha=-c, out=point)
+                _, g_minus = self._batch_grad(point, batch)
             g_plus.sub_(g_minus)
             return loss, g_plus
 

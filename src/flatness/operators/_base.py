@@ -18,6 +18,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
+from flatness._fsdp import make_objective
 from flatness._params import ParamSpec
 from flatness.algorithms._linalg import VectorSpace
 from flatness.objective import Objective
@@ -48,7 +49,8 @@ class CurvatureOperator:
 
     def __init__(self, model: nn.Module, loss_fn: Any = None, data: Any = None, **options: Any) -> None:
         own = {k: options.pop(k) for k in list(options) if k in self.own_options}
-        self._setup(Objective(model, loss_fn, data, **options), None, **own)
+        # A model sharded with fully_shard gets a ShardedObjective (Hessian only, see _setup).
+        self._setup(make_objective(model, loss_fn, data, **options), None, **own)
 
     @classmethod
     def from_objective(cls, objective: Objective, theta: Any = None, **own: Any) -> CurvatureOperator:
@@ -61,6 +63,11 @@ class CurvatureOperator:
         unknown = [k for k in own if k not in self.own_options]
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected option {unknown[0]!r}")
+        if getattr(objective, "space", None) is not None and self.name != "hessian":
+            raise ValueError(
+                f"curvature: {self.name!r} is not available for a model sharded with fully_shard; "
+                "its products are finite differences of FSDP gradient passes, which give the Hessian"
+            )
         self.objective = objective
         self.theta = objective.theta0 if theta is None else objective._as_vector(theta, "theta").detach()
         # A sharded objective (an FSDP model) brings its own space: vectors are local shards.
