@@ -156,6 +156,11 @@ def test_many_batches_or_too_large_graphs_are_not_kept(monkeypatch):
     assert not res.graph_reused
     forced = hessian_topk(model, F.cross_entropy, many, k=1, tol=1e-8, reuse_graph=True)
     assert forced.graph_reused and torch.equal(forced.eigenvalues, res.eigenvalues)
+    # A DataLoader: its passes are compared with each other, so "auto" does not keep graphs.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12)
+    assert not hessian_topk(model, F.cross_entropy, loader, k=1, tol=1e-8).graph_reused
+    forced = hessian_topk(model, F.cross_entropy, loader, k=1, tol=1e-8, reuse_graph=True)
+    assert forced.graph_reused
     # Graphs larger than the memory budget: measured on the first product, then dropped.
     monkeypatch.setattr(objective_module, "_graph_budget", lambda device, theta_bytes: 0)
     small = hessian_topk(model, F.cross_entropy, (x, y), k=1, tol=1e-8)

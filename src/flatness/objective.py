@@ -196,10 +196,10 @@ class Objective:
             gradient graph of every batch across Hessian-vector products, so that each product
             is one backward pass instead of a forward and two backward passes (as PyHessian does
             for one batch). ``"auto"`` (default): when the double-backward mode is used, the data
-            has at most 8 batches and the graphs take at most half the free memory (measured on
-            the graph built by the first product); ``True``: whenever the mode allows; ``False``:
-            never. Products are exactly the same either way; the graphs are freed when the block
-            ends.
+            is one batch or a list / tuple of at most 8 batches, and the graphs take at most half
+            the free memory (measured on the graphs the first product builds); ``True``: whenever
+            the mode allows (any data, e.g. a DataLoader that replays); ``False``: never.
+            Products are exactly the same either way; the graphs are freed when the block ends.
         process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
             data; default: the world group when one is initialized, else none; ``False``:
             this process's data alone, no collectives (for measuring on one rank only).
@@ -673,7 +673,12 @@ class Objective:
         if self._kept is not None:
             yield
             return
-        usable = self.reuse_graph is not False and self.hvp_mode in ("auto", "reverse")
+        # "auto" keeps graphs for in-memory batches only (one batch, a list or tuple): they are
+        # the same in every pass by construction, while a loader's passes are compared with
+        # each other (a loader that does not replay is reported by the second pass).
+        in_memory = not self.data.checked
+        wanted = self.reuse_graph is True or (self.reuse_graph == "auto" and in_memory)
+        usable = wanted and self.hvp_mode in ("auto", "reverse")
         self._kept = _KeptGraphs(theta, usable)
         self.graph_reused = False
         try:

@@ -38,13 +38,18 @@ class HessianOperator(CurvatureOperator):
 
     @contextlib.contextmanager
     def reusing_graph(self) -> Iterator[None]:
-        """Inside the block, products reuse the kept gradient graphs (freed at the end)."""
-        with self.objective.reusing_graph(self.theta):
+        """Inside the block, products reuse the kept gradient graphs (freed at the end).
+
+        A no-op for objectives without kept graphs (sharded models: their products are
+        finite differences of FSDP gradient passes).
+        """
+        scope = getattr(self.objective, "reusing_graph", None)
+        with scope(self.theta) if scope is not None else contextlib.nullcontext():
             yield
 
     @property
     def graph_reused(self) -> bool:
-        return self.objective.graph_reused
+        return bool(getattr(self.objective, "graph_reused", False))
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         return self.objective.hvp(v, self.theta)
