@@ -85,7 +85,7 @@ def test_probes_one_at_a_time_are_the_probes_drawn_at_once():
     # Hutch++: the sketch, then the residual probes, from one stream in that order.
     gen = generator(4)
     S = space.rademacher(gen, 3)
-    Q = torch.linalg.qr((A @ S.T)).Q.T
+    Q = torch.linalg.qr(A @ S.T).Q.T
     G = space.rademacher(gen, 3)
     G = G - (G @ Q.T) @ Q
     ref = float(torch.trace(Q @ A @ Q.T)) + float(torch.stack([x @ A @ x for x in G]).mean())
