@@ -68,6 +68,7 @@ def device_worker(conn, hidden: int) -> None:
     from flatness import HessianOperator
 
     torch.set_num_threads(1)
+    warm_up()
     model, loss_fn, batch = problem(hidden)
     op = HessianOperator(model, loss_fn, batch)
     n = op.shape[0]
@@ -101,10 +102,23 @@ class RemoteOperator:
         return torch.from_numpy(np.frombuffer(self.buf, dtype=np.float32).copy())
 
 
+def warm_up() -> None:
+    """One small call of each kind first, so that torch's and scipy's one-time allocations
+    (kernels, thread pools, imports) are not counted as the measured call's memory."""
+    import flatness
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    flatness.hessian_topk(model, nn.functional.cross_entropy, batch, k=1)
+    flatness.hessian_trace(model, nn.functional.cross_entropy, batch, n_hvp=6)
+    flatness.sharpness(model, nn.functional.cross_entropy, batch, max_iter=1)
+
+
 def run_config(config: str, hidden: int) -> dict:
     from flatness import hessian_topk, lanczos_eigsh
 
     torch.set_num_threads(1)
+    warm_up()
     if config == "host-basis":
         ctx = mp.get_context("spawn")
         here, there = ctx.Pipe()
@@ -150,7 +164,7 @@ def run_config(config: str, hidden: int) -> dict:
         "lambda": float(res.eigenvalues[0]),
         "converged": res.converged,
         "time_s": t,
-        "graph_reused": res.graph_reused,
+        "graph_reused": getattr(res, "graph_reused", None),
         "extra_n": extra / (4 * n),
     }
 
@@ -171,6 +185,7 @@ def run_other(config: str, hidden: int) -> dict:
     import flatness
 
     torch.set_num_threads(1)
+    warm_up()
     model, loss_fn, batch = problem(hidden)
     n = sum(p.numel() for p in model.parameters())
     name, options = OTHERS[config]
@@ -190,6 +205,7 @@ def one_hvp(hidden: int) -> dict:
     from flatness import HessianOperator
 
     torch.set_num_threads(1)
+    warm_up()
     model, loss_fn, batch = problem(hidden)
     op = HessianOperator(model, loss_fn, batch)
     n = op.shape[0]

@@ -8,7 +8,7 @@ Appl. 22(2); equivalent to Stewart's Krylov–Schur for symmetric H) keeps the p
 and the last residual direction and goes on.
 
 Convergence is checked after every step, not only when the basis is full (after a minimum of
-k + 10 steps, see :func:`default_min_steps`):
+min(m, k + 10) steps, see :func:`default_min_steps`):
 
 - the *estimate*: the residual the Lanczos relation H V_j = V_{j+1} C_j implies,
   ‖C_j s − θ [s; 0]‖ (|β_j s_j| in the unrestarted case, the classical bound of Paige 1971),
@@ -99,8 +99,11 @@ def default_ncv(k: int, n: int, bytes_per_vector: int = 0) -> int:
     return min(m, n)
 
 
-def default_min_steps(k: int, n: int) -> int:
-    """Lanczos steps before a pair may be accepted: k + GUARD_STEPS (= k + 10), at most n.
+def default_min_steps(k: int, m: int) -> int:
+    """Lanczos steps before a pair may be accepted: min(m, k + GUARD_STEPS) = min(m, k + 10).
+
+    Never more than the basis size m: a basis chosen smaller (``ncv``) is checked once full, as
+    ARPACK does, which is the choice to accept a small Krylov space (e.g. for a warm start).
 
     A small Krylov space can hold a pair whose residual is already below the tolerance but which
     is not the extreme one: the start vector's weight c₁ on the extreme eigenvector has not yet
@@ -118,7 +121,7 @@ def default_min_steps(k: int, n: int) -> int:
     10% for gaps of 1% at 3 tol, after 20 steps (ARPACK's first check for k = 1) in none. The
     steps are counted across restarts; ``min_steps=`` overrides the default.
     """
-    return min(n, k + GUARD_STEPS)
+    return min(m, k + GUARD_STEPS)
 
 
 def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -346,7 +349,7 @@ def lanczos_eigsh(
     restart (Wu & Simon 2000). Each step costs one matvec; each restart keeps
     p = k + ⌊(m − k)/2⌋ Ritz vectors (m = ``ncv``). After every step the residuals the Lanczos
     relation implies (|β_j s_j|, Paige 1971) are checked; once all k are below the tolerance,
-    and at least ``min_steps`` = k + 10 steps are done (a guard against a converged but not
+    and at least ``min_steps`` = min(m, k + 10) steps are done (a guard against a converged but not
     extreme pair of a small Krylov space, see :func:`default_min_steps`), the true residuals
     ‖H y − θ y‖ are confirmed — by one product per pair, or from the stored products with
     ``keep_products`` — and the pairs returned if they pass.
@@ -379,7 +382,7 @@ def lanczos_eigsh(
         keep_products: store the products H V (m more vectors) so that true residuals need no
             extra product: ``True``, ``False``, or ``"auto"`` (default: store them when they take
             at most 256 MiB, where their memory does not matter).
-        min_steps: Lanczos steps before any pair may be accepted; default k + 10 (see
+        min_steps: Lanczos steps before any pair may be accepted; default min(m, k + 10) (see
             :func:`default_min_steps`). Raise it (e.g. to 20, ARPACK's first check for k = 1) for
             a warm start ``v0`` that may be the *second* eigenvector, or when the top eigenvalues
             may be only a few ``tol`` apart.
@@ -434,7 +437,7 @@ def lanczos_eigsh(
 
     eps = torch.finfo(dtype).eps
     keep = min(k + (m - k) // 2, m - 1)
-    least = default_min_steps(k, n) if min_steps is None else min(min_steps, n)
+    least = default_min_steps(k, m) if min_steps is None else min(min_steps, n)
     V = Basis(space, m + 1, bdev)
     W = Basis(space, m, bdev) if keep_w else None
     # C[:, i] holds the coordinates of H v_i in the basis v_0..v_{i+1} (float64, NumPy: the
