@@ -88,6 +88,36 @@ def small_mlp_problem(n: int = 128, batch_size: int = 128, device: str = "cpu", 
     return mlp_problem(n, batch_size, device, seed, hidden=32)
 
 
+def digits_problem(n: int = 512, train_steps: int = 300, device: str = "cpu", seed: int = 0):
+    """(model, loss_fn, [one batch]) for a 64-64-10 MLP on scikit-learn's bundled digits.
+
+    The model is trained as in ``examples/monitor_training.py`` (SGD, lr 0.5, batches of 512,
+    ``train_steps`` steps; 0 = untrained); the batch is the first ``n`` digits.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < train_steps:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 512):
+            idx = perm[i : i + 512]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            if step == train_steps:
+                break
+    model.zero_grad(set_to_none=True)
+    return model.to(device), nn.functional.cross_entropy, [(x[:n].to(device), y[:n].to(device))]
+
+
 def cnn_problem(n: int = 2048, batch_size: int = 256, device: str = "cpu", seed: int = 0):
     """(model, loss_fn, batches) for the benchmark CNN with BatchNorm on synthetic 28×28 images."""
     g = torch.Generator().manual_seed(seed)

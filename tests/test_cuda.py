@@ -70,3 +70,30 @@ def test_measures_on_cuda_match_cpu():
     l_c = flatness.landscape_2d(cpu, F.cross_entropy, data, alphas=c, betas=c, seed=0)
     l_g = flatness.landscape_2d(gpu, F.cross_entropy, gdata, alphas=c, betas=c, seed=0)
     assert close(l_c.loss, l_g.loss, 1e-9)
+
+
+def test_lanczos_basis_on_the_host():
+    """basis_device="cpu": the operator on the GPU, the basis and eigenvectors in host memory."""
+    (cpu, data), (gpu, gdata) = _pair()
+    ref = flatness.hessian_topk(cpu, F.cross_entropy, data, k=2, tol=1e-8)
+    for keep in (True, False):
+        res = flatness.hessian_topk(
+            gpu, F.cross_entropy, gdata, k=2, tol=1e-8, basis_device="cpu", keep_products=keep
+        )
+        assert res.eigenvectors.device.type == "cpu" and res.converged
+        assert close(res.eigenvalues, ref.eigenvalues, 1e-7)
+    dens = flatness.hessian_density(gpu, F.cross_entropy, gdata, n_runs=2, n_steps=6, basis_device="cpu")
+    dens_c = flatness.hessian_density(cpu, F.cross_entropy, data, n_runs=2, n_steps=6)
+    assert close(dens.nodes[torch.isfinite(dens.nodes)], dens_c.nodes[torch.isfinite(dens_c.nodes)], 1e-7)
+
+
+def test_kept_graph_on_cuda_matches_cpu():
+    (cpu, data), (gpu, gdata) = _pair()
+    op_c = flatness.HessianOperator(cpu, F.cross_entropy, data)
+    op_g = flatness.HessianOperator(gpu, F.cross_entropy, gdata)
+    v = torch.linspace(-1, 1, op_c.shape[0], dtype=torch.float64)
+    with op_g.reusing_graph():
+        op_g @ v.cuda()
+        hv = op_g @ v.cuda()
+        assert op_g.graph_reused and hv.is_cuda
+    assert close(hv, op_c @ v)

@@ -121,3 +121,21 @@ def test_train_mode_model_restored(ce):
     res = hessian_topk(model, ce, (x, y), k=1)
     assert_untouched(model, before)
     assert np.isfinite(res.eigenvalues.numpy()).all()
+
+
+def test_topk_passes_the_lanczos_memory_options(ce):
+    model, (x, y) = make_mlp(), classification_data()
+    _, _, Hd = dense_hessian_oracle(model, ce, x, y)
+    top = float(torch.linalg.eigvalsh(Hd)[-1])
+    base = hessian_topk(model, ce, (x, y), k=1, tol=1e-6)
+    host = hessian_topk(model, ce, (x, y), k=1, tol=1e-6, basis_device="cpu", keep_products=False)
+    late = hessian_topk(model, ce, (x, y), k=1, tol=1e-6, min_steps=30)
+    for res in (base, host, late):
+        assert res.converged and abs(float(res.eigenvalues[0]) - top) <= 1e-6 * top
+    assert host.eigenvectors.device.type == "cpu"
+    assert host.n_hvp == base.n_hvp + 1  # the stored products spare the confirming one
+    assert late.n_hvp >= 30 > base.n_hvp
+    with pytest.raises(ValueError, match="min_steps"):
+        hessian_topk(model, ce, (x, y), min_steps=0)
+    with pytest.raises(TypeError, match="keep_products"):
+        hessian_topk(model, ce, (x, y), keep_products=None)

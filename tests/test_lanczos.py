@@ -200,3 +200,183 @@ def test_bad_matvec():
         lanczos_eigsh("not callable", 10)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="matvec: returned 3"):
         lanczos_eigsh(lambda v: v[:3], 10)
+
+
+# ---------------------------------------------------------------- stopping when done, in memory
+def _hessian_like(n, gap, outliers, seed):
+    """λ₁ = 1, λ₂ = 1 − gap, a few outliers below, a bulk near 0 (like a classifier's Hessian)."""
+    rng = np.random.default_rng(seed)
+    lam = np.concatenate(
+        [[1.0, 1.0 - gap], rng.uniform(0.1, 1.0 - 2 * gap, outliers), rng.exponential(0.01, n - 2 - outliers)]
+    )
+    return random_symmetric(lam, seed)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("keep", [True, False])
+def test_stops_early_on_a_separated_spectrum(k, keep):
+    """Converged long before the basis is full: stop after the guard's min(m, k + 10) steps (+ k checks)."""
+    from flatness.algorithms.lanczos import default_min_steps
+
+    n = 200
+    lam = np.concatenate([100.0 / 2.0 ** np.arange(6), np.random.default_rng(0).uniform(0, 1, n - 6)])
+    H = random_symmetric(lam, 1)
+    res = lanczos_eigsh(H, k=k, tol=1e-3, keep_products=keep)
+    assert res.converged and res.n_restarts == 0
+    assert np.allclose(res.eigenvalues.numpy(), lam[:k], rtol=1e-3)
+    bound = default_min_steps(k, res.ncv) + (0 if keep else k)
+    assert res.n_matvec <= bound < res.ncv + (0 if keep else k)
+    if k == 1:
+        assert res.n_matvec <= 12
+
+
+@pytest.mark.parametrize(
+    ("gap", "tol", "outliers"), [(1e-1, 1e-2, 5), (1e-1, 1e-2, 10), (3e-2, 3e-3, 5), (3e-2, 1e-2, 5)]
+)
+def test_early_stop_keeps_the_extreme_eigenvalue(gap, tol, outliers):
+    """Near-degenerate tops (λ₁ − λ₂ = 3–10% of λ₁, 3–10 tol): the early stop returns λ₁, not λ₂.
+
+    Closer pairs with more outliers are the regime where a random start can still return λ₂
+    after k + 10 steps (for any Krylov method; measured rates in default_min_steps's docstring):
+    see test_min_steps_is_the_remedy.
+    """
+    wrong, counts = [], []
+    for seed in range(20):
+        H = _hessian_like(300, gap, outliers, seed)
+        res = lanczos_eigsh(H, k=1, tol=tol, seed=seed, keep_products=False)
+        assert res.converged
+        counts.append(res.n_matvec)
+        if abs(float(res.eigenvalues[0]) - 1.0) > tol:
+            wrong.append(seed)
+    assert not wrong, wrong
+    assert np.median(counts) < 21  # earlier than a full basis of 20 (ARPACK's first check)
+
+
+def test_min_steps_is_the_remedy():
+    """Where the default k + 10 steps can return λ₂ (gap 3 tol, 10 outliers), min_steps=20 does not."""
+    wrong = {11: 0, 20: 0}
+    for steps in wrong:
+        for seed in range(20):
+            H = _hessian_like(300, 1e-2, 10, seed)
+            res = lanczos_eigsh(H, k=1, tol=3e-3, seed=seed, min_steps=steps, keep_products=False)
+            assert res.converged and res.n_matvec >= steps
+            wrong[steps] += abs(float(res.eigenvalues[0]) - 1.0) > 3e-3
+    assert wrong[20] == 0 < wrong[11]
+
+
+def test_the_guard_is_needed():
+    """Accepting after k + 4 steps returns λ₂ for more starts than the default k + 10."""
+    wrong = {5: 0, None: 0}
+    for steps in wrong:
+        for gap, tol, outliers in [(3e-2, 1e-2, 5), (1e-2, 3e-3, 5)]:
+            for seed in range(20):
+                H = _hessian_like(300, gap, outliers, seed)
+                res = lanczos_eigsh(H, k=1, tol=tol, seed=seed, min_steps=steps)
+                wrong[steps] += abs(float(res.eigenvalues[0]) - 1.0) > tol
+    assert wrong[5] >= 3 * max(wrong[None], 1)
+
+
+def test_invariant_start_does_not_end_the_search():
+    """v0 spanning an invariant subspace at once: continue (fresh direction) to the extreme pair."""
+    H = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+    v0 = torch.zeros(30, dtype=torch.float64)
+    v0[0] = 1.0
+    res = lanczos_eigsh(H, k=1, tol=1e-8, v0=v0)
+    assert res.converged and float(res.eigenvalues[0]) == pytest.approx(30.0)
+
+
+def test_true_residuals_are_confirmed_for_inexact_products():
+    """A product that is not exactly linear: the estimate says converged, the confirmation decides.
+
+    Returned residuals are those of fresh products, every product is counted, and a pair whose
+    true residual misses the tolerance is not reported converged.
+    """
+    H = random_symmetric(np.linspace(0, 10, 100), 0)
+    u = torch.ones(100, dtype=torch.float64) / 10.0
+    calls = [0]
+
+    def mv(v, c=1e-3):
+        calls[0] += 1
+        return H @ v + c * v.norm() * u  # affine in |v|: Ritz estimates are not the true residual
+
+    res = lanczos_eigsh(mv, 100, k=2, tol=1e-4, keep_products=False, max_matvec=300)
+    assert res.n_matvec == calls[0]
+    Y = res.eigenvectors
+    true = torch.stack([(mv(y) - lam * y).norm() for lam, y in zip(res.eigenvalues, Y, strict=True)])
+    assert torch.allclose(res.residuals, true, rtol=1e-8)
+    ok = bool((true <= 1e-4 * res.eigenvalues.abs()).all())
+    assert res.converged == ok
+
+
+def test_stored_products_save_the_confirmation():
+    H = random_symmetric(np.linspace(-1, 10, 120), 2)
+    kept = lanczos_eigsh(H, k=3, tol=1e-8, keep_products=True)
+    fresh = lanczos_eigsh(H, k=3, tol=1e-8, keep_products=False)
+    assert kept.converged and fresh.converged
+    assert torch.allclose(kept.eigenvalues, fresh.eigenvalues, rtol=1e-9)
+    assert fresh.n_matvec == kept.n_matvec + 3  # same steps, three confirming products
+    with pytest.raises(TypeError, match="keep_products"):
+        lanczos_eigsh(H, k=1, keep_products="yes")
+    with pytest.raises(ValueError, match="max_matvec: got 3"):
+        lanczos_eigsh(H, k=3, max_matvec=3, keep_products=False)
+
+
+def test_large_basis_path_grows_block_by_block(monkeypatch):
+    """Where vectors are large (here: forced), the basis is allocated as used and the defaults save
+    memory (m = 10 for k = 1, no stored products); the in-place restart (column slices) is exact."""
+    import flatness.algorithms.lanczos as lz
+
+    monkeypatch.setattr(lz, "SMALL_BYTES", 0)
+    monkeypatch.setattr(lz, "_SLICE_NUMBERS", 37)  # many column slices in the restart
+    bases = []
+    init = lz.Basis.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bases.append(self)
+
+    monkeypatch.setattr(lz.Basis, "__init__", record)
+    n = 150
+    lam = np.concatenate([100.0 / 2.0 ** np.arange(6), np.random.default_rng(0).uniform(0, 1, n - 6)])
+    res = lanczos_eigsh(random_symmetric(lam, 1), k=1, tol=1e-3)
+    assert res.ncv == 10 and res.converged
+    V = bases[0]
+    assert len(bases) == 1  # no stored products
+    steps = res.n_matvec - 1  # one confirming product
+    assert V.block == 4 and V.allocated <= 4 * ((min(steps, res.ncv) + 1 + 3) // 4)
+    # Restarts in place, against eigh, at a tight tolerance.
+    ev = np.linalg.eigvalsh(random_symmetric(np.linspace(0, 1, n) ** 3, 3).numpy())[::-1]
+    res = lanczos_eigsh(random_symmetric(np.linspace(0, 1, n) ** 3, 3), k=3, tol=1e-8)
+    assert res.converged and res.n_restarts > 0
+    assert np.allclose(res.eigenvalues.numpy(), ev[:3], rtol=1e-7)
+
+
+def test_basis_class_against_dense_algebra():
+    from flatness.algorithms import VectorSpace
+    from flatness.algorithms.lanczos import Basis
+
+    g = torch.Generator().manual_seed(0)
+    space = VectorSpace(11, dtype=torch.float64, device="cpu")
+    rows = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    B = Basis(space, 7, block=3)
+    for i in range(7):
+        B[i] = rows[i]
+    assert B.allocated == 7 and [len(b) for b in B.blocks] == [3, 3, 1]
+    w = torch.randn(11, generator=g, dtype=torch.float64)
+    assert np.allclose(B.coeffs(w, 5), (rows[:5] @ w).numpy())
+    c = torch.randn(6, generator=g, dtype=torch.float64)
+    assert torch.allclose(B.combine(c.numpy(), 6), rows[:6].T @ c)
+    S = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    assert torch.allclose(B.combine_many(S, 6), S.T @ rows[:6])
+    B.rotate(S.numpy(), 6)
+    assert torch.allclose(torch.stack([B[i] for i in range(4)]), S.T @ rows[:6])
+    assert torch.equal(torch.stack([B[i] for i in range(4, 7)]), rows[4:])
+
+
+def test_basis_device_option():
+    H = random_symmetric(np.linspace(-1, 10, 60), 1)
+    a = lanczos_eigsh(H, k=2, tol=1e-8)
+    b = lanczos_eigsh(H, k=2, tol=1e-8, basis_device="cpu")
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and b.eigenvectors.device.type == "cpu"
+    with pytest.raises(TypeError, match="basis_device"):
+        lanczos_eigsh(H, k=2, basis_device=3.5)

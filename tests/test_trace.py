@@ -68,3 +68,25 @@ def test_bad_arguments(kwargs, exc, match):
     mv, _ = operator(np.ones(5))
     with pytest.raises(exc, match=match):
         trace_estimate(mv, 5, **kwargs)
+
+
+def test_probes_one_at_a_time_are_the_probes_drawn_at_once():
+    """Memory: one probe in memory at a time, yet the same probes (and estimates) as drawn at once."""
+    from flatness.algorithms import VectorSpace, hutchinson, hutchpp
+    from flatness.algorithms._linalg import generator
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    A = B @ B.T / 60 + torch.diag(torch.linspace(0, 5, 60, dtype=torch.float64))
+    space = VectorSpace(60, dtype=torch.float64, device="cpu")
+    Z = space.rademacher(generator(4), 9)
+    at_once = float(torch.stack([z @ A @ z for z in Z]).mean())
+    assert hutchinson(A, n_matvec=9, seed=4).estimate == pytest.approx(at_once, rel=1e-14)
+    # Hutch++: the sketch, then the residual probes, from one stream in that order.
+    gen = generator(4)
+    S = space.rademacher(gen, 3)
+    Q = torch.linalg.qr(A @ S.T).Q.T
+    G = space.rademacher(gen, 3)
+    G = G - (G @ Q.T) @ Q
+    ref = float(torch.trace(Q @ A @ Q.T)) + float(torch.stack([x @ A @ x for x in G]).mean())
+    assert hutchpp(A, n_matvec=9, seed=4).estimate == pytest.approx(ref, rel=1e-12)

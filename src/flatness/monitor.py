@@ -88,8 +88,9 @@ BUILTIN_MEASURES: dict[str, Callable[[nn.Module, Any, Any, dict[str, Any]], tupl
 # orthogonal to a new top eigenvector after a crossing) at the cost of a few products.
 WARM_MIX = 0.1
 # Lanczos basis size of warm-started records (unless options give ncv): Lanczos accepts a pair
-# only once a full basis is built, so a warm start could not stop before 20 products with the
-# default basis; 8 measured best on benchmarks/bench_monitor_warmstart.py.
+# only after min(ncv, k + 10) products (a guard against a small Krylov space), so with the
+# default basis a warm start could not stop before 11 products; with 8 it stops at 8, which
+# the random part of the start makes safe (benchmarks/bench_monitor_warmstart.py).
 WARM_NCV = 8
 
 

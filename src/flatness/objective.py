@@ -192,6 +192,14 @@ class Objective:
             :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps).
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
             batches and random augmentations are the same in every pass.
+        reuse_graph: inside :meth:`reusing_graph` (which the spectrum functions use), keep the
+            gradient graph of every batch across Hessian-vector products, so that each product
+            is one backward pass instead of a forward and two backward passes (as PyHessian does
+            for one batch). ``"auto"`` (default): when the double-backward mode is used, the data
+            is one batch or a list / tuple of at most 8 batches, and the graphs take at most half
+            the free memory (measured on the graphs the first product builds); ``True``: whenever
+            the mode allows (any data, e.g. a DataLoader that replays); ``False``: never.
+            Products are exactly the same either way; the graphs are freed when the block ends.
         process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
             data; default: the world group when one is initialized, else none; ``False``:
             this process's data alone, no collectives (for measuring on one rank only).
@@ -220,6 +228,7 @@ class Objective:
         dtype: torch.dtype | None = None,
         hvp_mode: Literal["auto", "forward", "reverse", "finite_difference"] = "auto",
         data_seed: int = 0,
+        reuse_graph: bool | Literal["auto"] = "auto",
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -244,6 +253,8 @@ class Objective:
         if batch_size is not None and not callable(batch_size):
             raise TypeError(f"batch_size: expected a callable(batch) -> int, got {batch_size!r}")
         data_seed = check_seed(data_seed, "data_seed")
+        if reuse_graph != "auto" and not isinstance(reuse_graph, bool):
+            raise TypeError(f"reuse_graph: expected True, False or 'auto', got {reuse_graph!r}")
 
         from flatness._fsdp import check_not_fsdp1, is_sharded
 
@@ -275,6 +286,7 @@ class Objective:
             "dtype": dtype,
             "hvp_mode": hvp_mode,
             "data_seed": data_seed,
+            "reuse_graph": reuse_graph,
             "process_group": process_group,
         }
 
@@ -323,6 +335,11 @@ class Objective:
         # Custom autograd.Functions are checked for a differentiable backward on the first
         # exact HVP pass (a structural property of the model).
         self._checked_second = False
+        self.reuse_graph = reuse_graph
+        # The kept gradient graphs of a reusing_graph() block (None outside one).
+        self._kept: _KeptGraphs | None = None
+        #: whether Hessian-vector products of the last reusing_graph() block used kept graphs.
+        self.graph_reused = False
 
     # ------------------------------------------------------------------ flat <-> dict
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -509,7 +526,7 @@ class Objective:
                 "check the model, the data and the parameters"
             )
         scale = 1.0 / total_size if self.reduction == "mean" else 1.0
-        return total_loss * scale, None if total_extra is None else total_extra * scale
+        return total_loss * scale, None if total_extra is None else total_extra.mul_(scale)
 
     def _explain_dtype_error(self, batch: Any, error: RuntimeError) -> None:
         """Raise a TypeError naming ``data`` when a batch's floating dtype differs from the model's."""
@@ -582,8 +599,17 @@ class Objective:
         return loss.detach(), g
 
     def hvp(self, v: Any, theta: Any = None) -> torch.Tensor:
-        """The Hessian-vector product ∇²L(θ) v over one full pass (exact unless finite-difference)."""
+        """The Hessian-vector product ∇²L(θ) v over one full pass (exact unless finite-difference).
+
+        Inside :meth:`reusing_graph` for this ``theta``, from the kept gradient graphs (one
+        backward pass per batch, no forward) once the first product has built them.
+        """
         v = self._as_vector(v, "v")
+        kept = self._kept
+        if kept is not None and theta is kept.key and kept.usable:
+            if kept.entries is not None:
+                return self._kept_hvp(v, kept)
+            return self._building_hvp(v, kept)
         theta = self._theta(theta).detach()
         if self._fd:
             return self._fd_hvp(v, theta)
@@ -633,6 +659,128 @@ class Objective:
         diff = self._pass(per_batch, "finite-difference Hessian-vector product", extra_numel=self.n)[1]
         assert diff is not None
         return diff.mul_(vnorm / (2.0 * h))
+
+    # ------------------------------------------------------------------ kept gradient graphs
+    @contextlib.contextmanager
+    def reusing_graph(self, theta: Any = None) -> Iterator[None]:
+        """Inside the block, Hessian-vector products at ``theta`` reuse the gradient graphs.
+
+        .. math:: g_b = \\nabla \\ell_b(\\theta)\\ \\text{(kept, with its graph)},\\qquad
+            H v = \\sum_b w_b\\, \\nabla_\\theta (g_b^\\top v)
+
+        The first product runs the ordinary pass and keeps each batch's gradient g_b together
+        with its graph (``create_graph=True``); the next ones are one backward pass per batch
+        through them (``retain_graph=True``), skipping the forward and the first backward —
+        PyHessian's single-batch shortcut (Yao et al. 2020, arXiv 1912.07145), here for every
+        batch of the data. The products are the same as without (the same operations on the
+        same graphs; dropout masks and batches are those of the seeded pass, as in every pass).
+        Whether graphs are kept follows ``reuse_graph`` (see :class:`Objective`); they are freed
+        when the block ends, also on error. ``theta`` must be passed to :meth:`hvp` as the same
+        object (``None``: the model's θ₀). Nested blocks use the outer one.
+
+        Memory: the graphs (activations of every batch and the gradient, about what one
+        double-backward product holds at its peak, per batch) for the whole block.
+        """
+        if self._kept is not None:
+            yield
+            return
+        # "auto" keeps graphs for in-memory batches only (one batch, a list or tuple): they are
+        # the same in every pass by construction, while a loader's passes are compared with
+        # each other (a loader that does not replay is reported by the second pass).
+        in_memory = not self.data.checked
+        wanted = self.reuse_graph is True or (self.reuse_graph == "auto" and in_memory)
+        usable = wanted and self.hvp_mode in ("auto", "reverse")
+        self._kept = _KeptGraphs(theta, usable)
+        self.graph_reused = False
+        try:
+            yield
+        finally:
+            self._kept = None
+
+    def _building_hvp(self, v: torch.Tensor, kept: _KeptGraphs) -> torch.Tensor:
+        """The first product of a reusing_graph() block: an ordinary pass that keeps the graphs."""
+        theta = self._theta(kept.key).detach()
+        leaf = theta.detach().requires_grad_(True)
+        entries: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+        forced = self.reuse_graph is True
+        budget = None if forced else _graph_budget(self.device, self.n * self.dtype.itemsize)
+        held = {theta.untyped_storage().data_ptr()}
+        used = [0]
+        check = not self._checked_second
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            keep = kept.usable
+            if keep and not forced and len(entries) >= MAX_KEPT_BATCHES:
+                keep = kept.drop(entries)
+            with torch.enable_grad(), _math_attention(), self.at(leaf):
+                loss = self._scalar_loss(self._module(batch)).reshape(())
+                if check:
+                    check_second_derivatives(loss)
+                (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+                (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=keep)
+                if keep and budget is not None:
+                    used[0] += graph_bytes(g, held)
+                    if used[0] > budget:
+                        keep = kept.drop(entries)
+            if keep:
+                with warnings.catch_warnings():  # the pass itself warns about ambiguous sizes
+                    warnings.simplefilter("ignore")
+                    size = batch_size_of(batch, self._size_fn)
+                entries.append((float(size) if self.reduction == "mean" else 1.0, loss.detach(), g))
+            return loss, hv
+
+        self.n_hvp += 1
+        try:
+            hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
+        except (RuntimeError, NotImplementedError) as err:
+            kept.usable = False
+            clear = explain(err, "reverse")
+            if clear is None or clear is err:
+                raise
+            raise clear from err
+        self._checked_second = True
+        assert hv is not None
+        if kept.usable:
+            kept.entries, kept.leaf = entries, leaf
+            kept.size = int(sum(w for w, _, _ in entries)) if self.reduction == "mean" else 1
+        return hv.to(self.dtype)
+
+    def _kept_hvp(self, v: torch.Tensor, kept: _KeptGraphs) -> torch.Tensor:
+        """H v from the kept graphs: one backward pass per batch, no forward.
+
+        The same operations as in the pass that built them, so the same numbers. The backward
+        runs with our tensors swapped in and the model in the objective's mode, as in a pass,
+        because activation checkpointing recomputes forward segments inside it. The losses were
+        checked when the graphs were built; the product is checked here.
+        """
+        assert kept.entries is not None and kept.leaf is not None
+        acc = self.acc_dtype
+        total = torch.empty(0)
+        with model_guard(self.model), torch.enable_grad(), self.at(kept.leaf):
+            self.model.train(self.train)
+            for i, (w, _loss, g) in enumerate(kept.entries):
+                (hv,) = torch.autograd.grad(g, kept.leaf, grad_outputs=v, retain_graph=True)
+                hv = hv.reshape(-1).to(acc)
+                if i == 0 and hv.is_contiguous() and not _shares(hv, v):
+                    total = hv.mul_(w)  # = 0 + w·hv, bitwise, without a second vector
+                else:
+                    total.add_(hv, alpha=w)
+                del hv
+        self.n_hvp += 1
+        self.graph_reused = True
+        ok = bool(torch.isfinite(total).all())
+        zero = torch.zeros((), dtype=acc, device=self.device)
+        _, summed, size, _, n_bad, _ = _dist.all_reduce_sums(
+            self._group, zero, total, kept.size, empty=False, bad=not ok
+        )
+        if n_bad:
+            where = "on this rank" if not ok else "on another rank"
+            raise NonFiniteLossError(
+                f"the Hessian-vector product is not finite ({where}) although the loss is finite "
+                "on every batch; check the model, the data and the parameters"
+            )
+        assert summed is not None
+        return summed.mul_(1.0 / size if self.reduction == "mean" else 1.0).to(self.dtype)
 
     def _hvp(self, v: torch.Tensor, theta: torch.Tensor, *, forward: bool) -> torch.Tensor:
         if forward:
@@ -712,6 +860,108 @@ class Objective:
         from flatness.landscape.evaluate import evaluate_many
 
         return evaluate_many(self, thetas, **options)
+
+
+#: with ``reuse_graph="auto"``, graphs are kept for at most this many batches.
+MAX_KEPT_BATCHES = 8
+
+
+class _KeptGraphs:
+    """The gradient graphs of a :meth:`Objective.reusing_graph` block.
+
+    ``key`` is the ``theta`` argument the products must be asked at; ``entries`` the kept
+    (weight, loss, gradient-with-graph) of every batch once built; ``usable`` turns False for
+    good when they do not fit.
+    """
+
+    def __init__(self, key: Any, usable: bool) -> None:
+        self.key = key
+        self.usable = usable
+        self.entries: list[tuple[float, torch.Tensor, torch.Tensor]] | None = None
+        self.leaf: torch.Tensor | None = None
+        self.size = 0
+
+    def drop(self, entries: list[Any]) -> bool:
+        """Give up keeping graphs (frees those kept so far); returns False."""
+        entries.clear()
+        self.usable = False
+        return False
+
+
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory (writing one could change the other)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def graph_bytes(g: torch.Tensor, exclude: set[int]) -> int:
+    """Bytes the autograd graph of ``g`` keeps alive: g and every tensor saved in its nodes.
+
+    Walks the graph from ``g.grad_fn`` and sums the storages of the saved tensors (each once),
+    skipping the storages in ``exclude`` (held anyway, e.g. θ).
+    """
+    storages: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in exclude:
+                storages[ptr] = st.nbytes()
+
+    add(g)
+    seen: set[Any] = set()
+    stack = [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kind = type(node)
+        names = _SAVED_NAMES.get(kind)
+        if names is None:
+            names = _SAVED_NAMES[kind] = tuple(n for n in dir(node) if n.startswith("_saved_"))
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except Exception:  # freed or not a tensor attribute
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                add(t)
+        for t in getattr(node, "saved_tensors", None) or ():  # custom autograd.Function
+            add(t)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return sum(storages.values())
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: free plus cached by torch; CPU: MemAvailable), or None."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            import psutil  # type: ignore[import-untyped]
+
+            return int(psutil.virtual_memory().available)
+        except ImportError:
+            return None
+    return None
+
+
+def _graph_budget(device: torch.device, theta_bytes: int) -> int:
+    """How many bytes kept graphs may take: half the free memory (4 θ-sized vectors if unknown)."""
+    free = _available_bytes(device)
+    return 4 * theta_bytes if free is None else free // 2
 
 
 def check_options(fn: Callable[..., Any], options: dict[str, Any]) -> None:

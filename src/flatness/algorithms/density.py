@@ -24,7 +24,7 @@ import torch
 from flatness._progress import Progress, ProgressArg
 from flatness._validate import check_positive
 from flatness.algorithms._linalg import as_operator, generator
-from flatness.algorithms.lanczos import lanczos_tridiagonal
+from flatness.algorithms.lanczos import lanczos_tridiagonal, resolve_basis_device
 from flatness.results import Result
 
 __all__ = ["DensityResult", "slq_density"]
@@ -66,6 +66,7 @@ def slq_density(
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
     progress: ProgressArg = False,
 ) -> DensityResult:
     """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
@@ -75,7 +76,8 @@ def slq_density(
         \\frac{1}{\\sigma\\sqrt{2\\pi}} e^{-(t-\\lambda^{(r)}_j)^2/2\\sigma^2}
 
     Lin, Saad & Yang 2016 (arXiv 1308.5467); Ghorbani, Krishnan & Xiao 2019 (arXiv 1901.10159).
-    Memory: n_steps vectors of n numbers (full reorthogonalization).
+    Memory: up to n_steps + 1 vectors of n numbers on ``basis_device`` (full
+    reorthogonalization; allocated as the run goes, one run at a time).
 
     Args:
         A: the symmetric operator H (any form :func:`flatness.algorithms.as_operator` takes).
@@ -88,6 +90,7 @@ def slq_density(
         seed: seed of the local generator.
         device: of the vectors (default: the operator's; CPU, float64 for callables).
         dtype: as ``device``.
+        basis_device: where the Lanczos vectors live (default: ``device``), e.g. ``"cpu"``.
         progress: opt-in progress reporting.
 
     Returns:
@@ -107,6 +110,7 @@ def slq_density(
     elif not (isinstance(grid, torch.Tensor) and grid.ndim == 1 and grid.numel() >= 2):
         raise TypeError(f"grid: expected an int ≥ 2 or a 1-D tensor of ≥ 2 points, got {grid!r:.60}")
     steps = min(n_steps, n)
+    bdev = resolve_basis_device(basis_device, op.space)
     gen = generator(seed)
     nodes = torch.full((n_runs, steps), math.nan, dtype=torch.float64)
     weights = torch.zeros(n_runs, steps, dtype=torch.float64)
@@ -115,7 +119,7 @@ def slq_density(
     try:
         for r in range(n_runs):
             v = op.space.rademacher(gen) / math.sqrt(n)
-            alpha, beta, mv = lanczos_tridiagonal(op, v, steps)
+            alpha, beta, mv = lanczos_tridiagonal(op, v, steps, basis_device=bdev)
             used += mv
             T = torch.diag(alpha)
             if len(beta):

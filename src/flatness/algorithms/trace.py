@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -47,12 +48,26 @@ class TraceResult(Result):
     sketch_size: int
 
 
-def _quad_forms(op: Operator, Z: torch.Tensor, bar: Progress) -> torch.Tensor:
+def _quad_forms(op: Operator, Z: Any, bar: Progress) -> torch.Tensor:
+    """zᵀ A z for each z of ``Z`` (rows of a tensor, or any iterable of vectors)."""
     out = []
     for z in Z:
-        out.append(op.space.dot(z, op.matvec(z)))
+        out.append(torch.as_tensor(op.space.dot(z, op.matvec(z))).reshape(()))
         bar.update(1)
     return torch.stack(out).double().cpu()
+
+
+def _probes(
+    op: Operator, gen: torch.Generator, count: int, Q: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """``count`` Rademacher probes drawn one at a time (the same numbers as drawn at once), each
+    projected off the rows of ``Q`` if given: one probe in memory instead of ``count``."""
+    space = op.space
+    for _ in range(count):
+        z = space.rademacher(gen, 1)[0]
+        if Q is not None:
+            z = z - space.coeffs(Q, z) @ Q
+        yield z
 
 
 def _stats(samples: torch.Tensor) -> tuple[float, float]:
@@ -76,7 +91,8 @@ def hutchinson(
     .. math:: \\mathrm{tr}(H) \\approx \\frac1m \\sum_{i=1}^m z_i^\\top H z_i,\\qquad
         \\mathrm{Var} = \\frac2m \\big(\\|H\\|_F^2 - \\sum_i H_{ii}^2\\big)
 
-    Hutchinson 1989 (Commun. Stat. Simul. Comput. 18(3)).
+    Hutchinson 1989 (Commun. Stat. Simul. Comput. 18(3)). Memory: one probe at a time (drawn in
+    turn from the seeded generator: the same probes as drawn at once), plus the product.
 
     Args:
         A: the symmetric operator H (any form :func:`flatness.algorithms.as_operator` takes).
@@ -98,10 +114,9 @@ def hutchinson(
     if n_matvec < 2:
         raise ValueError(f"n_matvec: got {n_matvec}; Hutchinson needs ≥ 2 probes for a standard error")
     gen = generator(seed)
-    Z = op.space.rademacher(gen, n_matvec)
     bar = Progress(progress, total=n_matvec, desc="hutchinson")
     try:
-        mean, se = _stats(_quad_forms(op, Z, bar))
+        mean, se = _stats(_quad_forms(op, _probes(op, gen, n_matvec), bar))
     finally:
         bar.close()
     return TraceResult(mean, se, n_matvec, "hutchinson", n_matvec, 0)
@@ -125,7 +140,9 @@ def hutchpp(
           + \\frac1{l}\\sum_{i=1}^{l} g_i^\\top (I - QQ^\\top) H (I - QQ^\\top) g_i
 
     with S (n × s) and g_i Rademacher, s = ⌊m/3⌋ (at most n) and l = m − 2s.
-    Meyer, Musco, Musco & Woodruff 2021, arXiv 2010.09649 (Algorithm 1).
+    Meyer, Musco, Musco & Woodruff 2021, arXiv 2010.09649 (Algorithm 1). Memory: the s products
+    H S and their orthonormalization (about 3s vectors of n numbers at its peak with the default
+    QR), then Q and one probe at a time.
 
     Args:
         A: the symmetric operator H (any form :func:`flatness.algorithms.as_operator` takes).
@@ -153,14 +170,14 @@ def hutchpp(
     l = n_matvec - 2 * s
     bar = Progress(progress, total=n_matvec, desc="hutch++")
     try:
-        S = space.rademacher(gen, s)
-        HS = torch.stack([op.matvec(x) for x in S])
-        bar.update(s)
+        HS = torch.empty(s, space.n_local, dtype=space.dtype, device=space.device)
+        for i, x in enumerate(_probes(op, gen, s)):
+            HS[i] = op.matvec(x)
+            bar.update(1)
         Q = space.orthonormalize(HS)  # (s, n) orthonormal rows
+        del HS
         low = float(_quad_forms(op, Q, bar).sum())
-        G = space.rademacher(gen, l)
-        G = G - space.gram(G, Q) @ Q
-        mean, se = _stats(_quad_forms(op, G, bar))
+        mean, se = _stats(_quad_forms(op, _probes(op, gen, l, Q), bar))
     finally:
         bar.close()
     return TraceResult(low + mean, se, n_matvec, "hutch++", l, s)

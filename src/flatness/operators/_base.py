@@ -11,6 +11,8 @@ weights of :class:`flatness.Objective`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,6 +78,19 @@ class CurvatureOperator:
         self.n_matvec = 0
         self._own = dict(own)
         self._init(**own)
+
+    @contextlib.contextmanager
+    def reusing_graph(self) -> Iterator[None]:
+        """Inside the block, products may reuse what they share (the Hessian: the gradient graph).
+
+        A no-op for operators whose products share nothing across vectors.
+        """
+        yield
+
+    @property
+    def graph_reused(self) -> bool:
+        """Whether the products of the last :meth:`reusing_graph` block reused a kept graph."""
+        return False
 
     def _init(self, **own: Any) -> None:
         """Validate and store the operator's own options (subclasses)."""

@@ -52,12 +52,15 @@ class HessianTopK(LanczosResult):
     Attributes:
         names, shapes: θ's parameter names and shapes (see :meth:`eigenvector_dicts`).
         curvature: the matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        n_hvp: the products used (= ``n_matvec``; one full data pass each).
+        graph_reused: whether the products reused kept gradient graphs (one backward pass per
+            batch instead of a full pass; see :meth:`flatness.Objective.reusing_graph`).
+        n_hvp: the products used (= ``n_matvec``).
     """
 
     names: tuple[str, ...] = ()
     shapes: tuple[tuple[int, ...], ...] = ()
     curvature: str = "hessian"
+    graph_reused: bool = False
     _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
 
     @property
@@ -77,10 +80,12 @@ class HessianTrace(TraceResult):
     """An estimate of tr(A) for a curvature matrix A (the Hessian by default).
 
     The fields of :class:`flatness.algorithms.TraceResult` (estimate, std_error, ``n_matvec``,
-    method, n_probes, sketch_size), plus ``curvature`` and ``n_hvp`` (= ``n_matvec``).
+    method, n_probes, sketch_size), plus ``curvature``, ``graph_reused`` (as in
+    :class:`HessianTopK`) and ``n_hvp`` (= ``n_matvec``).
     """
 
     curvature: str = "hessian"
+    graph_reused: bool = False
     _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
 
     @property
@@ -93,10 +98,12 @@ class HessianDensity(DensityResult):
     """The eigenvalue density of a curvature matrix by stochastic Lanczos quadrature.
 
     The fields of :class:`flatness.algorithms.DensityResult` (grid, density, nodes, weights,
-    ``n_matvec``, sigma, n_runs, n_steps), plus ``curvature`` and ``n_hvp`` (= ``n_matvec``).
+    ``n_matvec``, sigma, n_runs, n_steps), plus ``curvature``, ``graph_reused`` (as in
+    :class:`HessianTopK`) and ``n_hvp`` (= ``n_matvec``).
     """
 
     curvature: str = "hessian"
+    graph_reused: bool = False
     _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
 
     @property
@@ -191,7 +198,8 @@ def _dense_topk(op: CurvatureOperator, k: int, which: str, tol: float, ncv: int)
     """All of a small block's matrix (n products) and its exact eigenpairs."""
     from flatness.algorithms.lanczos import _order
 
-    A = op.dense().double()
+    with op.reusing_graph():
+        A = op.dense().double()
     A = (A + A.T) / 2
     vals, vecs = torch.linalg.eigh(A)
     order = _order(vals, which)[:k]
@@ -212,6 +220,7 @@ def _dense_topk(op: CurvatureOperator, k: int, which: str, tol: float, ncv: int)
         names=tuple(obj.names),
         shapes=tuple(tuple(s) for s in obj.shapes),
         curvature=op.name,
+        graph_reused=op.graph_reused,
     )
 
 
@@ -229,6 +238,9 @@ def hessian_topk(
     v0: Any = None,
     curvature: Curvature = "hessian",
     blocks: Blocks = None,
+    basis_device: torch.device | str | None = None,
+    keep_products: bool | Literal["auto"] = "auto",
+    min_steps: int | None = None,
     progress: ProgressArg = False,
     **options: Any,
 ) -> HessianTopK | BlockSpectra:
@@ -239,10 +251,18 @@ def hessian_topk(
 
     with A = ∇²L(θ) (default) or the curvature matrix named by ``curvature``. Thick-restart
     Lanczos with full reorthogonalization (Lanczos 1950; Wu & Simon 2000), see
-    :func:`flatness.lanczos_eigsh`; replaces the power iteration with deflation of PyHessian
-    (Yao et al. 2020, arXiv 1912.07145). Memory: (2m + 1) vectors of n numbers, m = ``ncv`` =
-    max(2k + 1, 20). Like every single-vector Krylov method (ARPACK included), an exactly
-    repeated eigenvalue may be returned fewer times than its multiplicity.
+    :func:`flatness.lanczos_eigsh`: it checks convergence after every product and stops once
+    the k residuals are confirmed (after at least min(ncv, k + 10) products); replaces the power
+    iteration with deflation of PyHessian (Yao et al. 2020, arXiv 1912.07145). With one batch
+    (or a few), the gradient graph is kept across products (``reuse_graph``, see
+    :meth:`flatness.Objective.reusing_graph`). Like every single-vector Krylov method (ARPACK
+    included), an exactly repeated eigenvalue may be returned fewer times than its multiplicity.
+
+    Memory beyond the model, in vectors of n numbers (m = ``ncv``: max(2k + 1, 20), or
+    max(2k + 1, 10) when the basis would take more than 256 MiB): at most
+    m + 1 for the basis (j + 1 when it stops after j products) and k for the result, on
+    ``basis_device``; m more with ``keep_products``; and one product's working memory (about
+    4 for an MLP, plus activations), or the kept graphs. See the "large models" page of the docs.
 
     Args:
         model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
@@ -252,7 +272,7 @@ def hessian_topk(
         which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
         tol: relative residual tolerance (> 0).
         max_hvp: product budget (default 100·m); ``converged=False`` if it runs out.
-        ncv: Lanczos basis size m (k < m ≤ n).
+        ncv: Lanczos basis size m (k < m ≤ n; default as above).
         seed: seed of the starting vector.
         v0: a starting vector instead (flat, or a dict like ``named_parameters()``), e.g. the
             previous eigenvector when λ₁ is tracked during training.
@@ -263,17 +283,25 @@ def hessian_topk(
             ``"parameter"``, or ``{block name: [parameter names]}``; then a :class:`BlockSpectra`
             of one :class:`HessianTopK` per block (a block with at most ``ncv`` parameters is
             solved densely, exactly, with one product per parameter).
+        basis_device: where the Lanczos basis and the eigenvectors live (default: the model's
+            device); ``"cpu"`` keeps them in host memory while the model is on a GPU.
+        keep_products: store the products A V to confirm residuals without extra products
+            (``True``, ``False``, or ``"auto"``: when they take ≤ 256 MiB).
+        min_steps: products before any pair may be accepted (default min(ncv, k + 10)); raise it (e.g.
+            to 20) when tracking λ₁ from a warm ``v0``, or for top eigenvalues only a few ``tol``
+            apart (see :func:`flatness.algorithms.lanczos.default_min_steps`).
         progress: ``True``, a callable ``(step, total, info)``, or False.
         **options: forwarded to :class:`flatness.Objective` (params, reduction, dtype, train,
-            batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed).
+            batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed,
+            reuse_graph).
 
     Returns:
         :class:`HessianTopK` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
-            or ``curvature``, bad ``max_hvp`` / ``ncv`` / ``v0`` / ``blocks`` and the objective's
-            own checks.
+            or ``curvature``, bad ``max_hvp`` / ``ncv`` / ``v0`` / ``blocks`` / ``basis_device`` /
+            ``keep_products`` / ``min_steps`` and the objective's own checks.
     """
     _check(hessian_topk, curvature, options)
     check_which(which)
@@ -287,17 +315,21 @@ def hessian_topk(
             n = o.shape[0]
             if blocks is not None and n <= (ncv or default_ncv(k, 10**9)):
                 return _dense_topk(o, min(k, n), which, tol, ncv or default_ncv(k, n))
-            res = lanczos_eigsh(
-                o,
-                k=k,
-                which=which,
-                tol=tol,
-                ncv=ncv,
-                max_matvec=max_hvp,
-                v0=_start(o, v0) if blocks is None else None,
-                seed=seed,
-                progress=progress,
-            )
+            with o.reusing_graph():
+                res = lanczos_eigsh(
+                    o,
+                    k=k,
+                    which=which,
+                    tol=tol,
+                    ncv=ncv,
+                    max_matvec=max_hvp,
+                    v0=_start(o, v0) if blocks is None else None,
+                    seed=seed,
+                    basis_device=basis_device,
+                    keep_products=keep_products,
+                    min_steps=min_steps,
+                    progress=progress,
+                )
             obj = o.objective
             # A sharded (FSDP) model's eigenvectors are this rank's shards: their shapes.
             shapes = getattr(obj, "local_shapes", obj.shapes)
@@ -306,6 +338,7 @@ def hessian_topk(
                 names=tuple(obj.names),
                 shapes=tuple(tuple(s) for s in shapes),
                 curvature=curvature,
+                graph_reused=o.graph_reused,
             )
 
         if blocks is not None:
@@ -371,8 +404,9 @@ def hessian_trace(
         op = build_operator(model, loss_fn, data, curvature, options)
 
         def solve(o: CurvatureOperator) -> HessianTrace:
-            res = trace_estimate(o, method=method, n_matvec=n_hvp, seed=seed, progress=progress)
-            return HessianTrace(**_fields(res), curvature=curvature)
+            with o.reusing_graph():
+                res = trace_estimate(o, method=method, n_matvec=n_hvp, seed=seed, progress=progress)
+            return HessianTrace(**_fields(res), curvature=curvature, graph_reused=o.graph_reused)
 
         return _per_block(op, blocks, solve) if blocks is not None else solve(op)
 
@@ -389,6 +423,7 @@ def hessian_density(
     seed: int = 0,
     curvature: Curvature = "hessian",
     blocks: Blocks = None,
+    basis_device: torch.device | str | None = None,
     progress: ProgressArg = False,
     **options: Any,
 ) -> HessianDensity | BlockSpectra:
@@ -397,7 +432,8 @@ def hessian_density(
     .. math:: \\phi(t) = \\frac1{n_v}\\sum_{r}\\sum_j \\tau^{(r)}_j g_\\sigma(t - \\lambda^{(r)}_j)
 
     Ghorbani, Krishnan & Xiao 2019 (arXiv 1901.10159); Lin, Saad & Yang 2016 (arXiv 1308.5467).
-    Cost: at most n_runs · n_steps products; memory n_steps vectors of n numbers. With
+    Cost: at most n_runs · n_steps products; memory n_steps + 1 vectors of n numbers on
+    ``basis_device`` (one run at a time), plus one product's working memory. With
     ``blocks``, one density per block — the block heterogeneity of Zhang et al. 2024, "Why
     Transformers Need Adam: A Hessian Perspective", arXiv 2402.16788 (plot them side by side
     with :func:`flatness.plot.plot_block_densities`).
@@ -413,6 +449,7 @@ def hessian_density(
         seed: seed of the start vectors.
         curvature: the matrix, as in :func:`hessian_topk`.
         blocks: per-block densities, as in :func:`hessian_topk`.
+        basis_device: where the Lanczos vectors live, as in :func:`hessian_topk`.
         progress: opt-in progress reporting.
         **options: forwarded to :class:`flatness.Objective`.
 
@@ -427,10 +464,18 @@ def hessian_density(
         op = build_operator(model, loss_fn, data, curvature, options)
 
         def solve(o: CurvatureOperator) -> HessianDensity:
-            res = slq_density(
-                o, n_runs=n_runs, n_steps=n_steps, sigma=sigma, grid=grid, seed=seed, progress=progress
-            )
-            return HessianDensity(**_fields(res), curvature=curvature)
+            with o.reusing_graph():
+                res = slq_density(
+                    o,
+                    n_runs=n_runs,
+                    n_steps=n_steps,
+                    sigma=sigma,
+                    grid=grid,
+                    seed=seed,
+                    basis_device=basis_device,
+                    progress=progress,
+                )
+            return HessianDensity(**_fields(res), curvature=curvature, graph_reused=o.graph_reused)
 
         return _per_block(op, blocks, solve) if blocks is not None else solve(op)
 
