@@ -88,11 +88,15 @@ def small_mlp_problem(n: int = 128, batch_size: int = 128, device: str = "cpu", 
     return mlp_problem(n, batch_size, device, seed, hidden=32)
 
 
-def digits_problem(n: int = 512, train_steps: int = 300, device: str = "cpu", seed: int = 0):
-    """(model, loss_fn, [one batch]) for a 64-64-10 MLP on scikit-learn's bundled digits.
+def digits_problem(
+    n: int = 512, train_steps: int = 300, device: str = "cpu", seed: int = 0, arch: str = "mlp"
+):
+    """(model, loss_fn, [one batch]) for a model on scikit-learn's bundled digits.
 
-    The model is trained as in ``examples/monitor_training.py`` (SGD, lr 0.5, batches of 512,
-    ``train_steps`` steps; 0 = untrained); the batch is the first ``n`` digits.
+    ``arch="mlp"``: a 64-64-10 MLP trained as in ``examples/monitor_training.py`` (SGD, lr 0.5,
+    batches of 512, ``train_steps`` steps; 0 = untrained). ``arch="cnn"``: two 3×3 convolutions
+    (16, 32 channels, ReLU), 2×2 max-pooling and a linear head on the 8×8 images (SGD, lr 0.1).
+    The batch is the first ``n`` digits.
     """
     from sklearn.datasets import load_digits
 
@@ -100,8 +104,22 @@ def digits_problem(n: int = 512, train_steps: int = 300, device: str = "cpu", se
     x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
     y = torch.tensor(digits.target)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    if arch == "mlp":
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    elif arch == "cnn":
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 10),
+        )
+    else:
+        raise ValueError(f"arch: expected 'mlp' or 'cnn', got {arch!r}")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5 if arch == "mlp" else 0.1)
     g = torch.Generator().manual_seed(seed)
     step = 0
     while step < train_steps:
