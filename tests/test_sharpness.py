@@ -372,6 +372,45 @@ def test_adaptive_linf_diagonal_closed_form(problem, rho, eta, p):
     assert res.p == math.inf
 
 
+@given(
+    st.lists(st.one_of(st.floats(1e-2, 10), st.floats(-10, -1e-2), st.just(0.0)), min_size=1, max_size=5),
+    st.floats(1e-2, 0.5),
+    st.floats(1e-7, 1e-4),
+    st.sampled_from(["auto", "keskar"]),
+)
+def test_adaptive_linf_tiny_box_at_an_exact_minimum(h, rho, eta, start):
+    # θ = x* = 0: the box is |δ_i| ≤ ρη, the gain ½ Σ_{h_i > 0} h_i (ρη)² is 1e-18 – 1e-8, far
+    # below scipy's absolute stopping thresholds for a loss < 1; the gain is what L-BFGS-B sees.
+    h = torch.tensor(h, dtype=D)
+    zero = torch.zeros_like(h)
+    res = adaptive_sharpness(
+        *quadratic_problem(torch.diag(h), zero, 0.0, zero), rho=rho, p=math.inf, eta=eta, start=start
+    )
+    expected = 0.5 * float(h.clamp(min=0).sum()) * (rho * eta) ** 2
+    assert close(res.value, expected, 1e-6, abs_=0.0), (res.value, expected, res.message)
+
+
+def test_maximize_box_relative_to_scales_what_lbfgsb_sees_not_the_values():
+    # f = ½ xᵀHx from a start near the centre of a box of half-width 1e-6: the projected gradient
+    # (2e-11) is below gtol (1e-10), so raw L-BFGS-B stops at the start; relative to f(0) = 0 it
+    # sees the gain in units of the start's and climbs to the corner maximum 1.5e-12.
+    H = np.diag([2.0, 1.0, -1.0])
+    half = np.full(3, 1e-6)
+
+    def f_and_grad(x):
+        return 0.5 * x @ H @ x, H @ x
+
+    x0 = np.array([1e-11, -1e-11, 0.0])
+    exact = 0.5 * 3.0 * 1e-12
+    scaled = maximize_box(f_and_grad, -half, half, x0=x0, max_iter=50, relative_to=0.0)
+    raw = maximize_box(f_and_grad, -half, half, x0=x0, max_iter=50)
+    assert scaled.fun == pytest.approx(exact, rel=1e-12)
+    assert np.allclose(np.abs(scaled.x[:2]), 1e-6, rtol=1e-12) and scaled.x[2] == 0.0
+    assert raw.fun < 1e-20  # the failure this option removes
+    # The values reported are f's, not the scaled gain.
+    assert scaled.fun == f_and_grad(scaled.x)[0]
+
+
 @pytest.mark.parametrize("adaptive", [True, False])
 @pytest.mark.parametrize("at_min", [True, False])
 def test_average_sharpness_closed_form(adaptive, at_min):

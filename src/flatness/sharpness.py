@@ -202,6 +202,7 @@ def _box_maximum(
     max_iter: int,
     max_evals: int,
     tol: float,
+    relative_to: float | None = None,
 ) -> MaximizeResult:
     """max f(x + A y) over |y_i| ≤ half_i by L-BFGS-B from a vertex chosen by ``start``.
 
@@ -227,7 +228,14 @@ def _box_maximum(
             if f_curv >= f_grad:
                 x0 = curvature
     res = maximize_box(
-        evaluator, -half, half, x0=x0, max_iter=max_iter, max_evals=max(1, max_evals - used), ftol=tol
+        evaluator,
+        -half,
+        half,
+        x0=x0,
+        max_iter=max_iter,
+        max_evals=max(1, max_evals - used),
+        ftol=tol,
+        relative_to=relative_to,
     )
     return res
 
@@ -599,7 +607,9 @@ def adaptive_sharpness(
         max_iter: ascent iterations (p = 2) or L-BFGS-B iterations (p = ∞).
         max_evals: p = ∞ only: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
             The pass at θ comes on top, so ``n_evals <= max_evals + 1``.
-        tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``).
+        tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``),
+            applied to the gain L(θ + δ) − L(θ) in units of the start vertex's gain, so that it
+            is relative however small the box (|θ| + η ≈ 1e-5 at an exact minimum included).
         start: p = ∞ only: ``"auto"`` or ``"keskar"``, as for :func:`sharpness`.
         seed: seeds the random start (a local generator).
         progress: False, True or a callable ``(step, total, info)``.
@@ -678,6 +688,9 @@ def adaptive_sharpness(
                     max_iter=max_iter,
                     max_evals=max_evals,
                     tol=tol,
+                    # L-BFGS-B sees the gain over L(θ), scaled: its stopping tests would
+                    # otherwise be absolute for a loss below 1 (a tiny box stopped at once).
+                    relative_to=loss0,
                 )
             else:
                 norm = float(np.linalg.norm(grad0))

@@ -90,6 +90,7 @@ def maximize_box(
     ftol: float = 1e-12,
     gtol: float = 1e-10,
     memory: int = 10,
+    relative_to: float | None = None,
 ) -> MaximizeResult:
     """Maximize f over the box lower ≤ x ≤ upper with L-BFGS-B (scipy), keeping the best point.
 
@@ -109,6 +110,12 @@ def maximize_box(
         ftol: scipy's stopping tolerances (relative decrease, projected gradient).
         gtol: as ``ftol``.
         memory: number of L-BFGS correction pairs.
+        relative_to: a reference value f_ref (e.g. f at the centre of the box): L-BFGS-B then
+            sees the gain (f − f_ref) / s, with s = |f(x0) − f_ref| fixed at the start (1 where that
+            is 0 or not finite), instead of f. scipy's stopping tests are absolute where |f| < 1
+            (``ftol`` relative to max(|f|, 1), ``gtol`` on the projected gradient), so a gain of
+            1e-11 over a tiny box would stop it at once; scaled, they are relative to the gain.
+            The values reported (``fun``) are f's.
 
     Returns:
         MaximizeResult: the best point seen, f there, evaluations, iterations, scipy's status
@@ -130,13 +137,22 @@ def maximize_box(
     tracker = _Tracker(f_and_grad, n, max_evals)
     iterations = [0]
 
+    scale: list[float] = []  # s, fixed at the first evaluation (L-BFGS-B's is at x0)
+
     def negated(x: np.ndarray) -> tuple[float, np.ndarray]:
         f, g = tracker(x)
-        return -f, -g
+        if relative_to is None:
+            return -f, -g
+        if not scale:
+            gain = abs(f - relative_to)
+            scale.append(gain if math.isfinite(gain) and gain > 0 else 1.0)
+        return -(f - relative_to) / scale[0], -g / scale[0]
 
     def count(_xk: np.ndarray) -> None:
         iterations[0] += 1
 
+    if relative_to is not None:
+        relative_to = float(relative_to)
     start = np.clip(x0, lower, upper)
     options = {"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol, "maxcor": memory}
     try:
