@@ -1,6 +1,7 @@
 """Peak memory per rank of flatness on FSDP2-sharded models, against n and the number of ranks.
 
-Usage: python benchmarks/bench_fsdp.py [--widths 256 512 1024] [--ranks 1 2 4] [--what hvp topk]
+Usage: python benchmarks/bench_fsdp.py [--widths 256 512 1024] [--ranks 1 2 4]
+                                      [--what hvp topk topk-lean]
 
 A deep MLP (8 hidden layers of the given width, each layer its own ``fully_shard`` unit, float32)
 is sharded over 1, 2 or 4 gloo ranks on the CPU (one thread each); every rank holds 64 samples.
@@ -11,7 +12,10 @@ n_local = n / ranks float32 numbers (one local vector); allocations above 64 KiB
 in one process with the exact (double-backward) product and hvp_mode="finite_difference".
 
 Measured quantities: ``hvp`` one finite-difference Hessian-vector product (two FSDP gradient
-passes); ``topk`` ``hessian_topk(k=1, tol=1e-3)``.
+passes); ``topk`` ``hessian_topk(k=1, tol=1e-3)`` with its defaults (which spend up to 256 MiB
+per rank on a larger basis and stored products where a rank's vectors are small);
+``topk-lean`` the same with ``ncv=10, keep_products=False`` (the least memory). The number of
+products is printed after each ``topk`` column.
 """
 
 from __future__ import annotations
@@ -97,6 +101,13 @@ def measure(model, data, what: str, sharded: bool, mode: str = "finite_differenc
             res = flatness.hessian_topk(model, F.cross_entropy, data, k=1, tol=1e-3, hvp_mode=mode)
         out["topk"] = m.extra
         out["topk_hvp"] = res.n_hvp
+    if "topk-lean" in what:
+        with PeakRSS() as m:
+            res = flatness.hessian_topk(
+                model, F.cross_entropy, data, k=1, tol=1e-3, hvp_mode=mode, ncv=10, keep_products=False
+            )
+        out["topk-lean"] = m.extra
+        out["topk-lean_hvp"] = res.n_hvp
     out["n"] = obj.n
     out["n_local"] = n_local
     return out
@@ -155,10 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--what", nargs="+", default=["hvp", "topk"], choices=["hvp", "topk"])
+    parser.add_argument(
+        "--what", nargs="+", default=["hvp", "topk", "topk-lean"], choices=["hvp", "topk", "topk-lean"]
+    )
     args = parser.parse_args()
     mib = 2**20
-    print(f"{'n':>11} {'setup':>24} " + " ".join(f"{w + ' MiB':>11} {'(x n_loc)':>9}" for w in args.what))
+    head = [f"{w + ' MiB':>11} {'(x n_loc)':>9}" + ("" if w == "hvp" else " HVPs") for w in args.what]
+    print(f"{'n':>11} {'setup':>24} " + " ".join(head))
     for width in args.widths:
         rows = []
         for mode in ("reverse", "finite_difference"):
@@ -173,6 +187,8 @@ def main() -> None:
             cells = []
             for w in args.what:
                 cells.append(f"{r[w] / mib:11.1f} {r[w] / (4 * r['n_local']):9.1f}")
+                if w != "hvp":
+                    cells.append(f"{r[w + '_hvp']:4d}")
             print(f"{r['n']:11,} {label:>24} " + " ".join(cells), flush=True)
 
 
