@@ -88,7 +88,7 @@ BUILTIN_MEASURES: dict[str, Callable[[nn.Module, Any, Any, dict[str, Any]], tupl
 # orthogonal to a new top eigenvector after a crossing) at the cost of a few products.
 WARM_MIX = 0.1
 # Lanczos basis size of warm-started records (unless options give ncv): Lanczos accepts a pair
-# only after min(ncv, k + 10) products (a guard against a small Krylov space), so with the
+# only after min(ncv, 11) products for k = 1 (a guard against a small Krylov space), so with the
 # default basis a warm start could not stop before 11 products; with 8 it stops at 8, which
 # the random part of the start makes safe (benchmarks/bench_monitor_warmstart.py).
 WARM_NCV = 8

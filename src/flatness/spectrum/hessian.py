@@ -252,8 +252,8 @@ def hessian_topk(
     with A = ∇²L(θ) (default) or the curvature matrix named by ``curvature``. Thick-restart
     Lanczos with full reorthogonalization (Lanczos 1950; Wu & Simon 2000), see
     :func:`flatness.lanczos_eigsh`: it checks convergence after every product and stops once
-    the k residuals are confirmed (after at least min(ncv, k + 10) products); replaces the power
-    iteration with deflation of PyHessian (Yao et al. 2020, arXiv 1912.07145). With one batch
+    the k residuals are confirmed (after at least min(ncv, 11) products for k = 1, ncv for
+    k > 1); replaces the power iteration with deflation of PyHessian (Yao et al. 2020, arXiv 1912.07145). With one batch
     (or a few), the gradient graph is kept across products (``reuse_graph``, see
     :meth:`flatness.Objective.reusing_graph`). Like every single-vector Krylov method (ARPACK
     included), an exactly repeated eigenvalue may be returned fewer times than its multiplicity.
@@ -287,9 +287,9 @@ def hessian_topk(
             device); ``"cpu"`` keeps them in host memory while the model is on a GPU.
         keep_products: store the products A V to confirm residuals without extra products
             (``True``, ``False``, or ``"auto"``: when they take ≤ 256 MiB).
-        min_steps: products before any pair may be accepted (default min(ncv, k + 10)); raise it (e.g.
-            to 20) when tracking λ₁ from a warm ``v0``, or for top eigenvalues only a few ``tol``
-            apart (see :func:`flatness.algorithms.lanczos.default_min_steps`).
+        min_steps: products before any pair may be accepted (default min(ncv, 11) for k = 1,
+            ncv for k > 1); raise it (e.g. to 20) when tracking λ₁ from a warm ``v0``, or for
+            top eigenvalues only a few ``tol`` apart (see :func:`flatness.algorithms.lanczos.default_min_steps`).
         progress: ``True``, a callable ``(step, total, info)``, or False.
         **options: forwarded to :class:`flatness.Objective` (params, reduction, dtype, train,
             batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed,
