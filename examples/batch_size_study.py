@@ -15,7 +15,7 @@ the same target. For every run we measure, on the training loss (as Keskar et al
 
 The report (Markdown + PNG figures + JSON) goes to the folder given by ``--out``.
 
-    python examples/batch_size_study.py --out study-report            # ~2 min on 2 CPU cores
+    python examples/batch_size_study.py --out study-report            # ~2–3 min on 2 CPU cores
     python examples/batch_size_study.py --out study-report --quick    # ~1 min
     python examples/batch_size_study.py --out study-report --device cuda
 """
