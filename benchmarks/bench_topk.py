@@ -15,7 +15,7 @@ For each problem, in one process and interleaved rounds (the machine may be shar
 Every round draws one start vector v0 (seeded by the round) for all flatness runs, and reports the
 Krylov minimum: the first step at which the top Ritz pair of the Krylov space of that v0 passes
 the same residual test (plain Lanczos with full reorthogonalization, no guard, no restart) — the
-fewest products any Krylov method can stop after.
+fewest products after which any method returning Ritz pairs of that space can stop.
 
 Accuracy: |λ − λ_ref| / λ_ref against λ_ref from ``hessian_topk(tol=1e-9, dtype=float64)``, and
 the true relative residual of the returned vector. Usage:
@@ -89,7 +89,7 @@ def krylov_minimum(op: HessianOperator, v0: torch.Tensor, tol: float, max_steps:
     """The first step j at which the top Ritz pair of K_j(H, v0) has residual ≤ tol·|θ|.
 
     Plain Lanczos with full (twice-applied) reorthogonalization, no restart, no guard: the fewest
-    products any method searching this Krylov space can stop after under the same residual test.
+    products after which a method returning Ritz pairs of this space can stop under the same test.
     """
     v = v0.to(op.dtype) / v0.norm()
     basis, alphas, betas = [v], [], []
