@@ -6,7 +6,8 @@ FlatnessTrainerCallback records, every 20 steps on a fixed probe of padded batch
 token-mean loss and the top Hessian eigenvalue λ₁ with ``lm_loss("causal")``, which weights each
 batch by its number of predicted tokens, so the probe loss is the mean over all its tokens. The
 values go through ``Trainer.log``: into ``trainer.state.log_history`` and every ``report_to``
-integration. After training, any flatness function takes the same ``**lm_loss(...)``.
+integration, beside the Trainer's own training-loss rows (the table printed at the end shows
+both). After training, any flatness function takes the same ``**lm_loss(...)``.
 
     pip install -e ".[hf]" && python examples/huggingface_callback.py
 """
@@ -75,9 +76,13 @@ def main(steps: int = 100, every: int = 20, out: str = "hf-output") -> FlatnessT
     ).attach(trainer)  # attach: log through Trainer.log, so report_to integrations get the values
     trainer.train()
 
-    print(f"{'step':>5} {'token loss':>10} {'lambda_1':>9} {'seconds':>8}")
+    # The Trainer's own rows (its running training loss, logged every `logging_steps`) and the
+    # callback's rows sit side by side in log_history; neither replaces the other.
+    train_loss = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    print(f"{'step':>5} {'train loss':>10} {'probe token loss':>16} {'lambda_1':>9} {'seconds':>8}")
     for r in callback.records:
-        print(f"{r['step']:5d} {r['loss']:10.4f} {r['top_eigenvalue']:9.3f} {r['time_s']:8.2f}")
+        trained = f"{train_loss[r['step']]:10.4f}" if r["step"] in train_loss else f"{'-':>10}"
+        print(f"{r['step']:5d} {trained} {r['loss']:16.4f} {r['top_eigenvalue']:9.3f} {r['time_s']:8.2f}")
     top = hessian_topk(trainer.model, None, probe, k=3, tol=1e-2, **lm_loss("causal"))
     print("top-3 Hessian eigenvalues after training:", [round(float(v), 3) for v in top.eigenvalues])
     return callback

@@ -273,3 +273,72 @@ def test_callback_without_attach_rank_zero_and_epochs():
     assert [(r["step"], r["epoch"]) for r in per_epoch.records] == [(10, 2.0), (20, 4.0), (27, 5.4)]
     with pytest.raises(TypeError, match=r"transformers\.Trainer"):
         callback.attach(object())
+
+
+def trainer_rows(trainer) -> list[dict]:
+    """The Trainer's own log rows (loss, grad_norm, learning_rate; train_loss at the end), without
+    the timing columns that differ between any two runs."""
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    return [
+        {k: v for k, v in row.items() if k not in timing}
+        for row in trainer.state.log_history
+        if not any(k.startswith("flatness/") for k in row)
+    ]
+
+
+def run_logged(tmp_path, how=None, *, logging_steps, every, interval="step", strategy="steps"):
+    """6 steps (2 epochs of 3) logging every ``logging_steps``; the callback registered ``how``."""
+    model = tiny("causal")
+    train_set = [{"input_ids": ids, "labels": labels} for ids, labels in sequences("causal", seed=1) * 3]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=6,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        logging_strategy=strategy,
+        logging_steps=logging_steps,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    callback = FlatnessTrainerCallback(
+        None, batches("causal")[:1], every=every, interval=interval, options={"*": lm_loss("causal")}
+    )
+    collator = lambda rows: collate([(r["input_ids"], r["labels"]) for r in rows])  # noqa: E731
+    callbacks = [callback] if how == "callbacks" else None
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=callbacks
+    )
+    if how == "attach":
+        callback.attach(trainer)
+    trainer.train()
+    return trainer, callback
+
+
+@pytest.mark.parametrize(
+    ("logging_steps", "every", "interval", "strategy"),
+    [(1, 1, "step", "steps"), (2, 3, "step", "steps"), (1, 1, "epoch", "epoch")],
+)
+def test_trainer_log_rows_are_the_same_with_the_callback(tmp_path, logging_steps, every, interval, strategy):
+    """The callback logs beside the Trainer, never instead of it: attached either way, the
+    Trainer's loss / grad_norm / learning_rate rows and train_loss equal a run without it."""
+    plain, _ = run_logged(
+        tmp_path / "plain", None, logging_steps=logging_steps, every=every, strategy=strategy
+    )
+    expected = trainer_rows(plain)
+    assert sum("loss" in r for r in expected) == (6 // logging_steps if strategy == "steps" else 2)
+    assert "train_loss" in expected[-1]
+    for how in ("attach", "callbacks"):
+        trainer, callback = run_logged(
+            tmp_path / how,
+            how,
+            logging_steps=logging_steps,
+            every=every,
+            interval=interval,
+            strategy=strategy,
+        )
+        assert trainer_rows(trainer) == expected, how
+        ours = [r for r in trainer.state.log_history if "flatness/loss" in r]
+        assert [r["step"] for r in ours] == [r["step"] for r in callback.records] != []

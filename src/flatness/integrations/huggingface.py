@@ -216,7 +216,7 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
         self.trainer = trainer
         return self
 
-    def _record(self, state: Any, model: nn.Module | None, optimizer: Any) -> None:
+    def _record(self, state: Any, control: Any, model: nn.Module | None, optimizer: Any) -> None:
         step = int(state.global_step)
         self._last_step = step
         if not state.is_world_process_zero:
@@ -229,7 +229,15 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
         row = self.monitor.measure(model, step=step, **epoch)
         metrics = metrics_of(row, self.prefix)
         if self.trainer is not None:
-            self.trainer.log(metrics)  # log_history, report_to integrations, the progress printer
+            # Trainer.log (log_history, report_to integrations, the progress printer) ends in
+            # CallbackHandler.on_log, which clears control.should_log: called from on_step_end or
+            # on_epoch_end, it would make the Trainer skip its own loss row at this step (and
+            # average the next one over more steps). The flag is put back as the Trainer set it.
+            should_log = self.trainer.control.should_log
+            self.trainer.log(metrics)
+            self.trainer.control.should_log = should_log
+            if control is not None:  # the same object as trainer.control inside Trainer.train
+                control.should_log = should_log
         else:
             state.log_history.append({**metrics, **epoch, "step": step})
 
@@ -246,18 +254,18 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
                 )
             self._warned = True
         if self.interval == "step" and state.global_step % self.every == 0:
-            self._record(state, model, kwargs.get("optimizer"))
+            self._record(state, control, model, kwargs.get("optimizer"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step = int(state.global_step)
         if self.interval == "step" and step != self._last_step and step % self.every == 0:
-            self._record(state, model, kwargs.get("optimizer"))
+            self._record(state, control, model, kwargs.get("optimizer"))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # state.epoch is the progress in epochs: 2.0 after the second, 2.5 after a partial third.
         epoch = math.ceil((state.epoch or 0.0) - 1e-6)
         if self.interval == "epoch" and epoch > 0 and epoch % self.every == 0:
-            self._record(state, model, kwargs.get("optimizer"))
+            self._record(state, control, model, kwargs.get("optimizer"))
 
     def __repr__(self) -> str:
         return (
