@@ -72,7 +72,8 @@ def main(steps: int = 100, every: int = 20, out: str = "hf-output") -> FlatnessT
         probe,
         every=every,
         measures=["loss", "top_eigenvalue"],
-        options={"*": lm_loss("causal"), "top_eigenvalue": {"tol": 1e-2}},
+        options={"top_eigenvalue": {"tol": 1e-2}},
+        **lm_loss("causal"),  # the same keywords as every flatness function
     ).attach(trainer)  # attach: log through Trainer.log, so report_to integrations get the values
     trainer.train()
 

@@ -90,10 +90,9 @@ def fit(callbacks, logger=None, steps=9, **trainer_kwargs):
         devices=1,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **trainer_kwargs,
+        **{"enable_checkpointing": False, **trainer_kwargs},
     )
     trainer.fit(module, loader)
     return module, trainer
@@ -189,11 +188,13 @@ def rank_marker(directory, model):
 
 @pytest.mark.slow
 def test_two_processes_measure_on_rank_zero_only(tmp_path):
-    """DDP on 2 CPU processes (gloo): only rank 0 measures, on its whole probe, with no
-    collective (rank 1 trains on), and the logged loss is the one-process value."""
+    """DDP on 2 CPU processes (gloo): only rank 0 measures, on its whole probe, and the logged
+    loss is the one-process value; the values reach rank 1's callback_metrics by a broadcast
+    (an EarlyStopping on every rank would otherwise fail there for want of the metric)."""
     import datetime
     import functools
 
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger
 
     marks = tmp_path / "marks"
@@ -215,7 +216,7 @@ def test_two_processes_measure_on_rank_zero_only(tmp_path):
         # A collective that only one rank joins fails after 2 minutes instead of hanging.
         strategy=pl.strategies.DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=120)),
         logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[callback],
+        callbacks=[callback, EarlyStopping(monitor="flatness/loss", check_on_train_epoch_end=True)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -231,3 +232,35 @@ def test_two_processes_measure_on_rank_zero_only(tmp_path):
     # The weights come back to this process after ddp_spawn: the last record is their loss.
     expected = float(Objective(module, F.cross_entropy, probe()).loss())
     assert float(rows[-1]["flatness/loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_values_reach_callback_metrics_for_early_stopping_and_checkpoints(tmp_path):
+    """The records are in trainer.callback_metrics (what ModelCheckpoint and EarlyStopping
+    monitor) and in every logger."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    # A constant never improves: EarlyStopping with patience 1 stops after the second epoch.
+    callback = FlatnessCallback(
+        F.cross_entropy, probe(), every=1, interval="epoch", measures=["loss", {"const": lambda m: 2.5}]
+    )
+    stop = EarlyStopping(monitor="flatness/const", patience=1, mode="min", check_on_train_epoch_end=True)
+    loggers = [MemoryLogger(), MemoryLogger()]
+    _, trainer = fit([callback, stop], logger=loggers, steps=-1, max_epochs=5)
+    assert trainer.current_epoch == 2 and stop.stopped_epoch == 1
+    assert [r["epoch"] for r in callback.records] == [0, 1]
+    assert float(trainer.callback_metrics["flatness/const"]) == 2.5
+    assert float(trainer.callback_metrics["flatness/loss"]) == callback.records[-1]["loss"]
+    for logger in loggers:
+        assert [m["flatness/loss"] for _, m in logger.calls if "flatness/loss" in m] == [
+            r["loss"] for r in callback.records
+        ]
+
+    # ModelCheckpoint keeps the step whose probe loss (not the training loss) was the lowest.
+    callback = FlatnessCallback(F.cross_entropy, probe(), every=3, measures=["loss"])
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="flatness/loss", mode="min", every_n_train_steps=3)
+    _, trainer = fit([callback, best], steps=9, enable_checkpointing=True)
+    saved = [r for r in callback.records if r["step"] > 0]  # the step-0 record precedes any save
+    assert [r["step"] for r in saved] == [3, 6, 9]
+    lowest = min(saved, key=lambda r: r["loss"])
+    assert float(best.best_model_score) == lowest["loss"]
+    assert f"step={lowest['step']}" in best.best_model_path

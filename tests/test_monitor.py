@@ -137,7 +137,7 @@ def test_measures_bad_input():
     with pytest.raises(ValueError, match="learning_rate: the callable returned"):
         Monitor(F.cross_entropy, _model_and_data()[1], learning_rate=lambda: -1.0).step(_model_and_data()[0])
     end_of_schedule = Monitor(F.cross_entropy, _model_and_data()[1], learning_rate=lambda: 0.0)
-    assert end_of_schedule.step(_model_and_data()[0])["two_over_lr"] == float("inf")
+    assert "two_over_lr" not in end_of_schedule.step(_model_and_data()[0])  # 2/0: no column
     with pytest.raises(TypeError, match="progress"):
         Monitor(F.cross_entropy, [], progress="yes")
 

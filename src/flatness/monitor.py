@@ -21,6 +21,7 @@ Lightning and Hugging Face callbacks built on this class live in :mod:`flatness.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import sys
 import time
@@ -143,6 +144,33 @@ def _parse_measures(measures: Any) -> dict[str, Measure | str]:
     return chosen
 
 
+def _shared_keywords() -> list[str]:
+    """The keywords every flatness function takes: :class:`flatness.Objective`'s options."""
+    from flatness.objective import Objective
+
+    params = inspect.signature(Objective.__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def _merge_shared(shared: dict[str, Any], star: dict[str, Any]) -> dict[str, Any]:
+    """``options["*"]`` with the keywords given to the constructor (each named once)."""
+    accepted = _shared_keywords()
+    unknown = [k for k in shared if k not in accepted]
+    if unknown:
+        raise TypeError(
+            f"Monitor got an unexpected keyword argument {unknown[0]!r}. Its keywords go to every "
+            f"built-in measure, so it takes those every flatness function takes: {accepted}; give "
+            f"an option of one measure as options={{'<measure>': {{{unknown[0]!r}: ...}}}}"
+        )
+    both = [k for k in shared if k in star]
+    if both:
+        raise ValueError(
+            f"{both[0]}: given both as a keyword and in options['*']; give it once (options of "
+            "one measure, options['<measure>'], still override it for that measure)"
+        )
+    return {**shared, **star}
+
+
 def _check_learning_rate(learning_rate: Any) -> None:
     if learning_rate is None or callable(learning_rate):
         return
@@ -167,20 +195,21 @@ class Monitor:
     size η (Cohen et al. 2021, arXiv 2103.00065: λ₁ rises to 2/η and hovers there).
 
     Args:
-        loss_fn: the loss, as for every flatness function (``None`` with ``batch_loss`` in
-            ``options``).
+        loss_fn: the loss, as for every flatness function (``None`` with ``batch_loss=``).
         data: the data the measures are computed on (a held-out or training subset; a fixed
             list of batches is cheapest).
         every: record when the step counter is a multiple of ``every``.
         measures: built-in names (``"loss"``, ``"grad_norm"``, ``"sharpness"``,
             ``"top_eigenvalue"``, ``"trace"``), a mapping column name → built-in name or
             ``callable(model)`` returning a number, or a list mixing both, e.g.
-            ``["loss", {"weight_norm": fn}]`` or ``{"loss": "loss", "weight_norm": fn}``.
+            ``["loss", {"weight_norm": fn}]`` or ``{"loss": "loss", "weight_norm": fn}``. A
+            ``trace`` column comes with its standard error as ``<name>_std_error``.
         options: per measure (by column name), keyword options for its function, e.g.
             ``{"sharpness": {"epsilon": 5e-4}, "trace": {"n_hvp": 30}}``; the key ``"*"``
             applies to all built-ins (e.g. ``{"*": {"max_batches": 4}}``).
         learning_rate: η, a number or a ``callable() -> number`` read at each record (for
-            schedules); each row then holds ``two_over_lr`` = 2/η (``inf`` for η = 0). For plain
+            schedules); each row then holds ``two_over_lr`` = 2/η, except where η = 0 (a
+            schedule's last step), where 2/η is infinite and the row has no such column. For plain
             gradient descent (no momentum) λ₁ > 2/η makes the step unstable along the top
             eigenvector.
         warm_start: start each ``top_eigenvalue`` record's Lanczos from the previous record's
@@ -189,6 +218,12 @@ class Monitor:
             when ``options`` give ``v0``).
         progress: ``True`` prints a line per record to stderr; a callable receives
             ``(number of records, None, row)`` after each record.
+        **shared: the options every flatness function takes (those of
+            :class:`flatness.Objective`: ``batch_loss``, ``batch_outputs``, ``batch_size``,
+            ``dtype``, ``params``, ``reduction``, ``train``, ``max_batches``, ``hvp_mode``,
+            ``data_seed``, ``reuse_graph``, ``process_group``), for every built-in measure:
+            ``Monitor(None, data, **lm_loss("causal"), dtype=torch.float64)`` is
+            ``options={"*": {...}}``; options of one measure still override them for it.
 
     Attributes:
         records: the rows, oldest first.
@@ -197,7 +232,8 @@ class Monitor:
 
     Raises:
         ValueError, TypeError: unknown measure names, a name given twice, ``every`` < 1, empty
-            ``measures``, ``options`` keys naming no measure, a bad ``learning_rate``.
+            ``measures``, ``options`` keys naming no measure, a bad ``learning_rate``, a keyword
+            not every function takes, or one given both as a keyword and in ``options["*"]``.
     """
 
     def __init__(
@@ -211,6 +247,7 @@ class Monitor:
         learning_rate: float | Callable[[], float] | None = None,
         warm_start: bool = True,
         progress: bool | Callable[[int, int | None, dict[str, Any]], None] = False,
+        **shared: Any,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: got {every!r}; expected an int >= 1")
@@ -218,9 +255,14 @@ class Monitor:
         if not isinstance(options, (Mapping, type(None))):
             raise TypeError(f"options: expected a mapping measure name -> dict of options, got {options!r}")
         options = {k: dict(v) for k, v in (options or {}).items()}
+        if shared:
+            options["*"] = _merge_shared(shared, options.get("*", {}))
         unknown = [k for k in options if k != "*" and k not in chosen]
         if unknown:
             raise ValueError(f"options: keys {unknown} name no chosen measure; chosen are {list(chosen)}")
+        clash = [f"{n}_std_error" for n, f in chosen.items() if f == "trace" and f"{n}_std_error" in chosen]
+        if clash:
+            raise ValueError(f"measures: {clash[0]!r} is the column of a trace's standard error; rename it")
         custom_options = [k for k in options if k != "*" and not isinstance(chosen[k], str)]
         if custom_options:
             raise ValueError(
@@ -283,7 +325,8 @@ class Monitor:
         row: dict[str, Any] = {"step": self._step if step is None else int(step), **extra}
         if self.learning_rate is not None:
             lr = self._learning_rate()
-            row["two_over_lr"] = 2.0 / lr if lr > 0 else float("inf")  # a schedule's last step
+            if lr > 0:  # at η = 0 (a schedule's last step) 2/η is infinite: no column
+                row["two_over_lr"] = 2.0 / lr
         t0 = time.perf_counter()
         with model_guard(model):
             for name, fn in self.measures.items():
@@ -293,6 +336,8 @@ class Monitor:
                         options = self._warm_options(name, options)
                     value, result = BUILTIN_MEASURES[fn](model, self.loss_fn, self.data, options)
                     row[name] = value
+                    if fn == "trace":  # an estimate: its standard error beside it
+                        row[f"{name}_std_error"] = float(result.std_error)
                     if result is not None:
                         self.last_results[name] = result
                     if fn == "top_eigenvalue":

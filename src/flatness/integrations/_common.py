@@ -24,8 +24,9 @@ def build_monitor(
     warm_start: bool,
     progress: Any,
     prefix: str,
+    shared: Mapping[str, Any],
 ) -> Monitor:
-    """A Monitor that measures on this process alone (``process_group=False``)."""
+    """A Monitor that measures on this process alone (``process_group=False`` unless given)."""
     if interval not in INTERVALS:
         raise ValueError(f"interval: got {interval!r}; expected one of {INTERVALS}")
     if not isinstance(prefix, str):
@@ -37,18 +38,20 @@ def build_monitor(
         )
     if options is not None and not isinstance(options, Mapping):
         raise TypeError(f"options: expected a mapping measure name -> dict of options, got {options!r}")
-    local = {k: dict(v) for k, v in (options or {}).items()}
+    shared = dict(shared)
     # The callbacks measure on the main process only: no collective may wait for the others.
-    local.setdefault("*", {}).setdefault("process_group", False)
+    if "process_group" not in shared and "process_group" not in (options or {}).get("*", {}):
+        shared["process_group"] = False
     return Monitor(
         loss_fn,
         data,
         every=every,
         measures=measures,
-        options=local,
+        options=options,
         learning_rate=None if learning_rate == "auto" else learning_rate,
         warm_start=warm_start,
         progress=progress,
+        **shared,
     )
 
 

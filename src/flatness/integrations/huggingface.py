@@ -7,9 +7,9 @@
     probe = [collator([train[i] for i in range(16)])]          # one fixed dict batch
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     FlatnessTrainerCallback(
-        None, probe, every=50, measures=["loss", "top_eigenvalue"], options={"*": lm_loss("causal")}
+        None, probe, every=50, measures=["loss", "top_eigenvalue"], **lm_loss("causal")
     ).attach(trainer)
-    trainer.train()                     # "flatness/<measure>" in trainer.state.log_history and report_to
+    trainer.train()     # "flatness/<measure>" beside the Trainer's own rows: log_history, report_to
 
     hessian_topk(model, None, probe, **lm_loss("causal"))       # any flatness function
 
@@ -138,14 +138,16 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
     ``data`` and logs the row as ``<prefix><measure>`` through ``Trainer.log``: into
     ``trainer.state.log_history`` and every ``report_to`` integration (TensorBoard, W&B, ...).
     Register it with :meth:`attach` so that it can reach ``Trainer.log``; passed only in
-    ``Trainer(callbacks=[...])`` its rows go to ``state.log_history`` alone. Only the world
+    ``Trainer(callbacks=[...])`` its rows go to ``state.log_history`` alone. Either way it logs
+    beside the Trainer, never instead of it: the Trainer's own rows (``loss``, ``grad_norm``,
+    ``learning_rate``, ``train_loss``) are those of a run without the callback. Only the world
     process zero measures and logs, on its own ``data`` in full with no collective
     (``process_group=False``). The model, its modes and gradients, the optimizer and the RNG
     states are left exactly as they were: a run ends bit-identical to one without the callback.
 
     Args:
         loss_fn: the loss, as for every flatness function; ``None`` with
-            ``options={"*": lm_loss("causal")}`` (or another ``batch_loss``) for dict batches.
+            ``**lm_loss("causal")`` (or another ``batch_loss=``) for dict batches.
         data: the probe the measures are computed on, e.g. a list of collated dict batches.
         every: record every ``every`` optimizer steps (``interval="step"``) or epochs.
         measures: as for :class:`flatness.Monitor`.
@@ -157,6 +159,9 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
         warm_start: warm-start ``top_eigenvalue`` records (see :class:`flatness.Monitor`).
         prefix: prepended to every logged name.
         progress: as for :class:`flatness.Monitor`.
+        **shared: the options every flatness function takes (``batch_loss``, ``batch_size``,
+            ``dtype``, ``params``, ``max_batches``, ...), for every built-in measure, as for
+            :class:`flatness.Monitor`.
 
     Attributes:
         monitor: the :class:`flatness.Monitor` (its ``records`` are also ``self.records``).
@@ -179,6 +184,7 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
         warm_start: bool = True,
         prefix: str = "flatness/",
         progress: bool | Callable[[int, int | None, dict[str, Any]], None] = False,
+        **shared: Any,
     ) -> None:
         self.monitor: Monitor = build_monitor(
             loss_fn,
@@ -191,6 +197,7 @@ class FlatnessTrainerCallback(transformers.TrainerCallback):
             warm_start=warm_start,
             progress=progress,
             prefix=prefix,
+            shared=shared,
         )
         self.interval = interval
         self.prefix = prefix

@@ -5,9 +5,10 @@
     from flatness.integrations.lightning import FlatnessCallback
 
     callback = FlatnessCallback(F.cross_entropy, probe, every=100, measures=["loss", "top_eigenvalue"])
-    trainer = lightning.Trainer(max_epochs=10, callbacks=[callback], logger=CSVLogger("logs"))
+    best = ModelCheckpoint(monitor="flatness/loss", every_n_train_steps=100)   # or EarlyStopping
+    trainer = lightning.Trainer(max_epochs=10, callbacks=[callback, best], logger=CSVLogger("logs"))
     trainer.fit(module, train_loader)
-    callback.records                     # the rows, also in every logger as "flatness/<measure>"
+    callback.records    # the rows; also "flatness/<measure>" in every logger and trainer.callback_metrics
 
 Needs ``pip install "flatness[lightning]"`` (the ``lightning`` package).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 try:
     import lightning.pytorch as pl
@@ -35,16 +38,19 @@ class FlatnessCallback(pl.Callback):
     """Records flatness measures every ``every`` optimizer steps (or epochs) of ``Trainer.fit``.
 
     Each record runs a :class:`flatness.Monitor` on the ``LightningModule`` (so the measures
-    see ``module(inputs)``, or ``batch_loss`` from ``options``) over ``data``, and logs the row
-    to every logger of the trainer (``logger.log_metrics(..., step=trainer.global_step)``) as
-    ``<prefix><measure>``. Only the global-zero process measures and logs; it uses its own
-    ``data`` in full and no collective (``process_group=False``), so give every rank the same
-    probe or none. The model, its modes and gradients, the optimizer and the RNG states are left
-    exactly as they were: a run ends bit-identical to one without the callback.
+    see ``module(inputs)``, or ``batch_loss=``) over ``data``, and logs the row as
+    ``<prefix><measure>`` to every logger of the trainer (``logger.log_metrics(...,
+    step=trainer.global_step)``) and into ``trainer.callback_metrics``, where ``ModelCheckpoint``
+    and ``EarlyStopping`` can monitor it (list this callback before an ``EarlyStopping`` that
+    checks at the same hook; Lightning runs checkpoint callbacks last). Only the global-zero
+    process measures and logs; it uses its own ``data`` in full and no collective
+    (``process_group=False``), so give every rank the same probe or none; the row then reaches
+    every rank's ``callback_metrics`` by one broadcast. The model, its modes and gradients, the
+    optimizer and the RNG states are left exactly as they were: a run ends bit-identical to one
+    without the callback.
 
     Args:
-        loss_fn: the loss, as for every flatness function (``None`` with ``batch_loss`` in
-            ``options["*"]``).
+        loss_fn: the loss, as for every flatness function (``None`` with ``batch_loss=``).
         data: the probe the measures are computed on (a fixed list of batches is cheapest).
         every: record every ``every`` optimizer steps (``interval="step"``) or epochs.
         measures: as for :class:`flatness.Monitor`: built-in names, a mapping name → built-in
@@ -57,6 +63,9 @@ class FlatnessCallback(pl.Callback):
         warm_start: warm-start ``top_eigenvalue`` records (see :class:`flatness.Monitor`).
         prefix: prepended to every logged name.
         progress: as for :class:`flatness.Monitor`.
+        **shared: the options every flatness function takes (``batch_loss``, ``batch_size``,
+            ``dtype``, ``params``, ``max_batches``, ...), for every built-in measure, as for
+            :class:`flatness.Monitor`.
 
     Attributes:
         monitor: the :class:`flatness.Monitor` (its ``records`` are also ``self.records``).
@@ -78,6 +87,7 @@ class FlatnessCallback(pl.Callback):
         warm_start: bool = True,
         prefix: str = "flatness/",
         progress: bool | Callable[[int, int | None, dict[str, Any]], None] = False,
+        **shared: Any,
     ) -> None:
         super().__init__()
         self.monitor: Monitor = build_monitor(
@@ -91,6 +101,7 @@ class FlatnessCallback(pl.Callback):
             warm_start=warm_start,
             progress=progress,
             prefix=prefix,
+            shared=shared,
         )
         self.interval = interval
         self.prefix = prefix
@@ -108,15 +119,24 @@ class FlatnessCallback(pl.Callback):
     def _record(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         step = int(trainer.global_step)
         self._last_step = step
-        if not trainer.is_global_zero:
-            return
-        if self._auto_lr:
-            optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            self.monitor.learning_rate = lambda: optimizer_lr(optimizer)
-        row = self.monitor.measure(module, step=step, epoch=int(trainer.current_epoch))
-        metrics = metrics_of(row, self.prefix)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        metrics: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            if self._auto_lr:
+                optimizer = trainer.optimizers[0] if trainer.optimizers else None
+                self.monitor.learning_rate = lambda: optimizer_lr(optimizer)
+            row = self.monitor.measure(module, step=step, epoch=int(trainer.current_epoch))
+            metrics = metrics_of(row, self.prefix)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        # Every rank reaches this point at the same step; the values go from rank zero to all,
+        # since ModelCheckpoint and EarlyStopping read them (and agree on stopping) on every rank.
+        if trainer.world_size > 1:
+            metrics = trainer.strategy.broadcast(metrics, src=0)
+        # What ModelCheckpoint(monitor=...), EarlyStopping(monitor=...) and LR schedulers with a
+        # monitor read. Float64 0-d tensors, as Lightning keeps its metrics as tensors.
+        trainer.callback_metrics.update(
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in (metrics or {}).items()}
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "step" and trainer.global_step % self.every == 0:
