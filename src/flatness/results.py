@@ -4,13 +4,17 @@ Every public measure returns a frozen dataclass: the answer first, then the evid
 (evaluations, HVPs, residuals, convergence), then the options used. ``to_dict()`` turns
 tensors and arrays into nested lists so that ``json.dumps(result.to_dict())`` works;
 ``to_dict(max_array_size=1000)`` replaces bigger arrays (perturbations, eigenvectors,
-directions of large models) by a summary of shape, dtype and norm.
+directions of large models) by a summary of shape, dtype and norm. ``repr`` stays short
+whatever the model's size: arrays and tensors of more than 8 numbers are summarized by shape,
+dtype and range, long containers and nested results are cut (every field is still there in
+full, and in ``to_dict()``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -66,9 +70,83 @@ def to_jsonable(value: Any, *, max_array_size: int | None = None) -> Any:
     return value
 
 
+# repr limits: numbers shown of an array (beyond: a summary), items of a container (by depth),
+# fields of a nested result, characters of any other value.
+_REPR_NUMBERS = 8
+_REPR_ITEMS = (8, 6, 3)
+_REPR_NESTED_FIELDS = 2
+_REPR_CHARS = 120
+
+
+def _array_summary(value: torch.Tensor | np.ndarray) -> str:
+    """``tensor(shape=(1000,), dtype=float64, min=-0.1, max=3.2)``: no number printed one by one."""
+    is_tensor = isinstance(value, torch.Tensor)
+    t = value.detach() if is_tensor else torch.as_tensor(np.asarray(value))
+    dtype = str(t.dtype).removeprefix("torch.") if is_tensor else str(np.asarray(value).dtype)
+    parts = [f"shape={tuple(t.shape)}", f"dtype={dtype}"]
+    if is_tensor and t.device.type != "cpu":
+        parts.append(f"device={t.device}")
+    if t.dtype == torch.bool:
+        parts.append(f"{int(t.sum())} true")
+    elif t.numel() and not t.is_complex():
+        finite = t[torch.isfinite(t)] if t.is_floating_point() else t
+        if finite.numel():
+            parts += [f"min={float(finite.min()):.4g}", f"max={float(finite.max()):.4g}"]
+        if finite.numel() < t.numel():
+            parts.append(f"{t.numel() - finite.numel()} non-finite")
+    return f"{'tensor' if is_tensor else 'array'}({', '.join(parts)})"
+
+
+def _short(value: Any, depth: int) -> str:
+    """A bounded repr of ``value`` (a field at nesting ``depth`` ≥ 1)."""
+    items = _REPR_ITEMS[min(depth, len(_REPR_ITEMS) - 1)]
+    if isinstance(value, Result):
+        return value._repr(depth)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if size > _REPR_NUMBERS:
+            return _array_summary(value)
+        text = repr(value.detach() if isinstance(value, torch.Tensor) else value)
+        return " ".join(text.split())
+    if isinstance(value, Mapping):
+        shown = [f"{_short(k, depth + 1)}: {_short(v, depth + 1)}" for k, v in list(value.items())[:items]]
+        more = len(value) - len(shown)
+        return "{" + ", ".join(shown + ([f"… (+{more} more)"] if more else [])) + "}"
+    if isinstance(value, (list, tuple)):
+        shown = [_short(v, depth + 1) for v in value[:items]]
+        more = len(value) - len(shown)
+        body = ", ".join(shown + ([f"… (+{more} more)"] if more else []))
+        if isinstance(value, tuple):
+            return f"({body},)" if len(value) == 1 else f"({body})"
+        return f"[{body}]"
+    text = repr(value)
+    return text if len(text) <= _REPR_CHARS else text[: _REPR_CHARS - 1] + "…"
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """Base class of all results: frozen, with ``to_dict()`` for JSON."""
+    """Base class of all results: frozen, with ``to_dict()`` for JSON and a short ``repr``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # @dataclass writes a __repr__ printing every array in full unless the class body
+        # defines one: give each subclass the short one before the decorator runs.
+        super().__init_subclass__(**kwargs)
+        if "__repr__" not in cls.__dict__:
+            cls.__repr__ = Result.__repr__  # type: ignore[method-assign]
+
+    def _repr(self, depth: int = 0) -> str:
+        fields = [f for f in dataclasses.fields(self) if f.repr]
+        if depth > 0 and len(fields) > _REPR_NESTED_FIELDS:  # a result inside a result
+            shown = [
+                f"{f.name}={_short(getattr(self, f.name), depth + 1)}" for f in fields[:_REPR_NESTED_FIELDS]
+            ]
+            return f"{type(self).__name__}({', '.join(shown)}, …)"
+        shown = [f"{f.name}={_short(getattr(self, f.name), depth + 1)}" for f in fields]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __repr__(self) -> str:
+        """The fields, with arrays summarized and long containers cut (a few thousand characters at most)."""
+        return self._repr()
 
     def to_dict(self, *, max_array_size: int | None = None) -> dict[str, Any]:
         """Return the result as nested plain Python objects (lists, floats, str, None).

@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import Bounds, minimize
 
 from flatness._blas import single_threaded_blas
+from flatness.results import Result
 
 __all__ = ["MaximizeResult", "curvature_vertex", "maximize_ball", "maximize_box"]
 
@@ -26,7 +27,7 @@ FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
-class MaximizeResult:
+class MaximizeResult(Result):
     """The best point seen and how it was found (like ``scipy.optimize.OptimizeResult``)."""
 
     x: np.ndarray

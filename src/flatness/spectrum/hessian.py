@@ -112,8 +112,11 @@ class HessianDensity(DensityResult):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSpectra(Result):
+class BlockSpectra(Result, Mapping):  # type: ignore[misc]
     """One result per parameter block (the diagonal blocks of the curvature matrix).
+
+    A read-only mapping block name → result (``spectra["fc1"]``, ``.items()``, ``.keys()``,
+    ``in``, ``len``), in the model's parameter order.
 
     Attributes:
         blocks: ``{block name: result}`` in the model's parameter order; each result is a
