@@ -162,3 +162,77 @@ def test_plot_monitor_draws_records_and_the_edge():
     with pytest.raises(ValueError, match="got none"):
         fplot.plot_monitor([])
     plt.close("all")
+
+
+def test_block_densities_wrap_into_a_grid():
+    """15 blocks: a 4 × 4 grid of panels (one row would be 15 panels wide), names on outer panels."""
+    import collections
+
+    from flatness import hessian_density
+
+    torch.manual_seed(0)
+    layers = [(f"layer{i}", nn.Linear(4 if i else 5, 4 if i < 7 else 3)) for i in range(8)]
+    model = nn.Sequential(collections.OrderedDict(layers)).double()
+    names = [n for n, _ in model.named_parameters()][:15]
+    result = hessian_density(
+        model, ce, classification_data(), n_runs=1, n_steps=3, grid=50, blocks={n: [n] for n in names}
+    )
+    axes = fplot.plot_block_densities(result)
+    fig = axes[0].figure
+    assert len(axes) == 15 and len(fig.axes) == 15  # the 16th cell removed
+    width, height = fig.get_size_inches()
+    assert width / height < 2  # a block, not a strip (one row was 3042 x 241 px)
+    columns = sorted({round(ax.get_position().x0, 3) for ax in axes})
+    rows = sorted({round(ax.get_position().y0, 3) for ax in axes})
+    assert (len(columns), len(rows)) == (4, 4)
+    assert [ax.get_title() for ax in axes] == names
+    assert sum(ax.get_xlabel() == "eigenvalue" for ax in axes) == 4  # the bottom panel of each column
+    assert sum(ax.get_ylabel() == "density" for ax in axes) == 4  # the first panel of each row
+    assert len({ax.get_xlim() for ax in axes}) == 1
+    wide = fplot.plot_block_densities(result, ncols=5)
+    assert len({round(ax.get_position().y0, 3) for ax in wide}) == 3
+    with pytest.raises(ValueError, match="ncols"):
+        fplot.plot_block_densities(result, ncols=0)
+    plt.close("all")
+
+
+def test_contour_lines_have_a_colour_bar_naming_the_log10_scale(results):
+    plane = results[1]
+    for filled in (False, True):
+        ax = fplot.plot_contour(plane, log=True, filled=filled)
+        bars = [a for a in ax.figure.axes if a is not ax]
+        assert len(bars) == 1 and bars[0].get_ylabel() == "log10 loss", filled
+        assert fplot.plot_contour(plane, filled=filled).figure.axes[1].get_ylabel() == "loss"
+    assert len(fplot.plot_contour(plane, log=True, colorbar=False).figure.axes) == 1
+    plt.close("all")
+
+
+def test_1d_metric_gets_a_legend_naming_both_axes(results):
+    ax = fplot.plot_1d(results[0], metric="accuracy")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss", "accuracy"]
+    twin = next(a for a in ax.figure.axes if a is not ax)
+    assert ax.get_zorder() > twin.get_zorder()  # the legend is drawn above the dashed curve
+    plt.close("all")
+
+
+def test_plot_monitor_draws_a_trace_with_its_standard_error_band():
+    from flatness import Monitor
+
+    monitor = Monitor(
+        ce, classification_data(), every=1, measures=["loss", "trace"], options={"trace": {"n_hvp": 8}}
+    )
+    model = make_mlp(0)
+    for _ in range(3):
+        monitor.step(model)
+        with torch.no_grad():
+            model[0].weight.mul_(1.1)
+    ax = fplot.plot_monitor(monitor)
+    assert [line.get_label() for line in ax.lines] == ["loss", "trace"]  # no line of standard errors
+    (band,) = ax.collections
+    assert band.get_label() == "trace ± 1 s.e."
+    ys = band.get_paths()[0].vertices[:, 1]
+    tr = np.array([r["trace"] for r in monitor.records])
+    se = np.array([r["trace_std_error"] for r in monitor.records])
+    assert se.min() > 0
+    np.testing.assert_allclose([ys.min(), ys.max()], [(tr - se).min(), (tr + se).max()])
+    plt.close("all")

@@ -70,9 +70,9 @@ def plot_1d(
             with ``alphas`` and 1-D ``loss``).
         ax: Axes to draw on; default a new figure.
         metric: name of a metric in ``result.metrics`` (e.g. ``"accuracy"``) drawn on a
-            second y-axis (dashed).
+            second y-axis (dashed); a legend then names both curves.
         log: logarithmic loss axis.
-        label: legend label of the loss curve.
+        label: legend label of the loss curve (default ``"loss"``).
 
     Returns:
         The Axes of the loss curve.
@@ -99,9 +99,11 @@ def plot_1d(
         twin = ax.twinx()
         twin.plot(alphas, _array(metrics[metric], metric), "C1--", label=metric)
         twin.set_ylabel(metric)
-        if label is not None:
-            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-            ax.legend(handles=handles, loc="best")
+        # Two y-axes: the legend says which curve is which (solid: loss, left; dashed: metric).
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, loc="best")
+        ax.set_zorder(twin.get_zorder() + 1)  # the legend above the metric's curve
+        ax.patch.set_visible(False)
     elif label is not None:
         ax.legend(loc="best")  # redrawn with every labelled curve added to this Axes
     return ax
@@ -114,15 +116,18 @@ def plot_contour(
     levels: int | Any = 20,
     log: bool = False,
     filled: bool = False,
+    colorbar: bool = True,
 ) -> Any:
     """Contours of a 2-D landscape over (α, β) with the centre (0, 0) marked.
 
     Args:
         result: a ``Landscape2D`` (``alphas``, ``betas``, ``loss`` of shape len(α) × len(β)).
         ax: Axes to draw on; default a new figure.
-        levels: number of contour levels or their values.
-        log: contour log10 of the loss (as Li et al. do for deep nets).
-        filled: filled contours (``contourf``) with a colour bar.
+        levels: number of contour levels or their values (of log10 of the loss with ``log``).
+        log: contour log10 of the loss (as Li et al. do for deep nets); the colour bar is then
+            labelled ``log10 loss``, and so are the values on the contour lines.
+        filled: filled contours (``contourf``) instead of labelled contour lines.
+        colorbar: draw a colour bar (with round ticks) naming the scale.
 
     Returns:
         The Axes.
@@ -136,10 +141,14 @@ def plot_contour(
     b, a = np.meshgrid(betas, alphas)
     z = np.ma.masked_invalid(z)
     cs = (ax.contourf if filled else ax.contour)(a, b, z, levels=levels)
-    if filled:
-        ax.figure.colorbar(cs, ax=ax, label="log10 loss" if log else "loss")
-    else:
+    if not filled:
         ax.clabel(cs, inline=True, fontsize=7)
+    if colorbar:
+        from matplotlib.ticker import MaxNLocator
+
+        bar = ax.figure.colorbar(cs, ax=ax, label="log10 loss" if log else "loss")
+        bar.locator = MaxNLocator(nbins=6)  # round ticks, not the level values
+        bar.update_ticks()
     ax.plot([0.0], [0.0], "k*", markersize=10, label="centre")
     ax.set_xlabel("α (d₁)")
     ax.set_ylabel("β (d₂)")
@@ -246,8 +255,10 @@ def plot_density(result: Any = None, density: Any = None, *, ax: Any = None, log
     return ax
 
 
-def plot_block_densities(result: Any, *, axes: Any = None, log: bool = True, sharex: bool = True) -> Any:
-    """One spectral density per parameter block, side by side (a ``hessian_density(blocks=...)`` result).
+def plot_block_densities(
+    result: Any, *, axes: Any = None, log: bool = True, sharex: bool = True, ncols: int | None = None
+) -> Any:
+    """One spectral density per parameter block, on a grid of panels (a ``hessian_density(blocks=...)`` result).
 
     Block heterogeneity — blocks whose spectra differ by orders of magnitude — is what Zhang et
     al. 2024 ("Why Transformers Need Adam: A Hessian Perspective", arXiv 2402.16788) relate to
@@ -255,29 +266,47 @@ def plot_block_densities(result: Any, *, axes: Any = None, log: bool = True, sha
 
     Args:
         result: a :class:`flatness.BlockSpectra` of densities.
-        axes: a sequence of Axes, one per block; default a new figure with one row of panels.
+        axes: a sequence of Axes, one per block; default a new figure with a grid of panels,
+            ``ncols`` wide, in the blocks' order.
         log: logarithmic density axes (see :func:`plot_density`).
         sharex: the same eigenvalue range on every panel, so blocks compare by eye.
+        ncols: panels per row of a new figure (default: up to 4, so that 15 blocks make a 4 × 4
+            grid rather than one unreadable row).
 
     Returns:
-        The list of Axes, titled by block.
+        The list of Axes, one per block, titled by block.
 
     Raises:
         ImportError: matplotlib is missing. TypeError: not a per-block density result.
+        ValueError: ``axes`` not one per block, or ``ncols`` < 1.
     """
     blocks = getattr(result, "blocks", None)
     if not isinstance(blocks, dict) or not blocks or not all(hasattr(r, "density") for r in blocks.values()):
         raise TypeError("result: expected hessian_density(..., blocks=...)'s result (densities per block)")
+    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
+        raise ValueError(f"ncols: got {ncols!r}; expected an int >= 1 or None")
     plt = _pyplot()
-    if axes is None:
-        _fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 2.8), squeeze=False)
-        axes = list(axes[0])
+    new = axes is None
+    if new:
+        cols = min(len(blocks), ncols or 4)
+        rows = -(-len(blocks) // cols)
+        fig, grid = plt.subplots(
+            rows, cols, figsize=(3.4 * cols, 2.7 * rows), squeeze=False, layout="constrained"
+        )
+        axes = list(grid.ravel()[: len(blocks)])
+        for extra in grid.ravel()[len(blocks) :]:
+            fig.delaxes(extra)
     axes = list(axes)
     if len(axes) != len(blocks):
         raise ValueError(f"axes: got {len(axes)} Axes for {len(blocks)} blocks")
-    for ax, (name, res) in zip(axes, blocks.items(), strict=True):
+    for i, (ax, (name, res)) in enumerate(zip(axes, blocks.items(), strict=True)):
         plot_density(res, ax=ax, log=log)
-        ax.set_title(str(name))
+        ax.set_title(str(name), fontsize=9)
+        if new:  # axis names on the outer panels only
+            if i + cols < len(blocks):
+                ax.set_xlabel("")
+            if i % cols:
+                ax.set_ylabel("")
     if sharex:
         lo = min(float(np.min(_array(r.grid, "grid"))) for r in blocks.values())
         hi = max(float(np.max(_array(r.grid, "grid"))) for r in blocks.values())
@@ -300,8 +329,9 @@ def plot_monitor(
         records: a :class:`flatness.Monitor` (or a callback holding one as ``monitor``), or its
             ``records`` (a list of rows with ``"step"``).
         measures: column names to draw (default: every numeric column except ``step``,
-            ``epoch``, ``time_s`` and ``two_over_lr``). Measures of different scales are best
-            drawn on separate Axes, one call each.
+            ``epoch``, ``time_s``, ``two_over_lr`` and standard errors). A measure with a
+            ``<name>_std_error`` column (a ``trace``) is drawn with a band of ± one standard
+            error. Measures of different scales are best drawn on separate Axes, one call each.
         ax: Axes to draw on; default a new figure.
         log: logarithmic y-axis.
         edge: draw ``two_over_lr`` (2/η, the edge of stability of gradient descent) as a dashed
@@ -322,7 +352,7 @@ def plot_monitor(
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    skip = {"step", "epoch", "time_s", "two_over_lr"}
+    skip = {"step", "epoch", "time_s", "two_over_lr"} | {f"{k}_std_error" for k in columns}
     if measures is None:
         measures = [
             k
@@ -344,7 +374,13 @@ def plot_monitor(
 
     for name in measures:
         x, y = series(name)
-        ax.plot(x, y, ".-", label=name)
+        (line,) = ax.plot(x, y, ".-", label=name)
+        if f"{name}_std_error" in columns:
+            xe, se = series(f"{name}_std_error")
+            if xe.shape == x.shape and np.array_equal(xe, x):
+                ax.fill_between(
+                    x, y - se, y + se, color=line.get_color(), alpha=0.2, label=f"{name} ± 1 s.e."
+                )
     if edge and "two_over_lr" in columns:
         x, y = series("two_over_lr")
         ax.plot(x, y, "k--", label="2/η")
