@@ -85,7 +85,7 @@ def lm_loss(
 
     Raises:
         ValueError: an unknown ``kind``. The returned functions raise ``TypeError`` for a batch
-        that is not a dict with ``label_key`` and ``ValueError`` for one with no predicted token.
+            that is not a dict with ``label_key`` and ``ValueError`` for one with no predicted token.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: got {kind!r}; expected one of {KINDS}")
