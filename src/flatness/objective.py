@@ -98,6 +98,11 @@ class _LossModule(nn.Module):
         batch_outputs: BatchOutputs | None = None,
     ):
         super().__init__()
+        # A batch_loss that states its own split (``batch_loss.split = (batch_outputs, loss_fn)``,
+        # as lm_loss's does) is that pair: the GGN and the Fisher can use it too.
+        split = getattr(batch_loss, "split", None)
+        if split is not None and loss_fn is None and batch_outputs is None:
+            (batch_outputs, loss_fn), batch_loss = split, None
         self.model = model
         self._loss_fn = loss_fn
         self._batch_loss = batch_loss
