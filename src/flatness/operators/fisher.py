@@ -66,7 +66,10 @@ class FisherOperator(CurvatureOperator):
     Hessian in the outputs so that any reduction, ``ignore_index`` or label smoothing is
     followed. For a categorical likelihood (softmax cross-entropy) the expectation is
     diag(p) − ppᵀ per prediction; for a Gaussian one (MSE) it is the identity per sample — in
-    both cases F equals the GGN exactly (Martens 2020, arXiv 1412.1193, §9.2).
+    both cases F equals the GGN exactly (Martens 2020, arXiv 1412.1193, §9.2). Outputs that are
+    log-probabilities with a loss linear in them (``F.nll_loss`` after ``LogSoftmax``: its
+    Hessian in z is 0) are logits of the same distribution, softmax(log p) = p: c is then read off
+    ``loss_fn(log_softmax(z))`` and F is the Fisher of softmax(z).
 
     ``mc_samples=None`` (default) gives that exact F. ``mc_samples=S`` gives the Monte-Carlo
     Fisher: S labels ŷ per prediction drawn from p(y|z), seeded by ``mc_seed``, the batch's
@@ -76,15 +79,17 @@ class FisherOperator(CurvatureOperator):
 
     Args (besides the objective's):
         mc_samples: ``None`` for the exact Fisher, or labels drawn per prediction (int ≥ 1).
-        likelihood: ``"categorical"`` (softmax cross-entropy), ``"gaussian"`` (MSE) or ``None``
-            to infer it from ``loss_fn`` (``F.cross_entropy`` / ``nn.CrossEntropyLoss``,
-            ``F.mse_loss`` / ``nn.MSELoss``).
+        likelihood: ``"categorical"`` (softmax cross-entropy, or NLL of log-probabilities),
+            ``"gaussian"`` (MSE) or ``None`` to infer it from ``loss_fn`` (``F.cross_entropy`` /
+            ``nn.CrossEntropyLoss``, ``F.nll_loss`` / ``nn.NLLLoss``, ``F.mse_loss`` / ``nn.MSELoss``).
         mc_seed: seed of the label draws.
 
     Raises:
         ValueError: when the likelihood cannot be inferred, or when the loss's Hessian in the
             outputs is not that of the stated likelihood (e.g. ``likelihood="categorical"``
-            with a loss that is not softmax cross-entropy).
+            with a loss that is not softmax cross-entropy), or a loss linear in outputs that are
+            not log-probabilities (``F.nll_loss`` of raw logits).
+        NonFiniteLossError: (Monte-Carlo) outputs that are not finite: no distribution to draw from.
     """
 
     name = "fisher"
