@@ -382,8 +382,8 @@ def test_fisher_of_log_probability_outputs_with_nll_is_the_softmax_fisher():
     torch.testing.assert_close(top.eigenvalues, exact, rtol=1e-6, atol=0)
     tr = hessian_trace(model, F.nll_loss, data, curvature="fisher", n_hvp=3 * oracle.shape[0])
     assert tr.estimate == pytest.approx(float(oracle.trace()), rel=0.05)
-    mc = FisherOperator(model, F.nll_loss, data, mc_samples=2000, mc_seed=1).dense()
-    assert float((mc - oracle).norm() / oracle.norm()) < 0.1
+    mc = FisherOperator(model, F.nll_loss, data, mc_samples=500, mc_seed=1).dense()
+    assert float((mc - oracle).norm() / oracle.norm()) < 0.15
     assert_untouched(model, before)
 
 
@@ -414,11 +414,11 @@ def test_monte_carlo_fisher_with_a_nan_parameter_names_the_cause():
 
 
 # ---------------------------------------------------------------- empirical Fisher: ignored targets
-def per_sample_gradients(model, samples, loss_fn):
+def per_sample_gradients(model, samples, loss_fn, names=None):
     """(rows, n): ∇θ loss_fn(model(x_i), y_i) of each sample run alone (an independent oracle)."""
     grads = []
     for xi, yi in samples:
-        f, theta0 = _output_function(model, xi)
+        f, theta0 = _output_function(model, xi, names)
         grads.append(torch.autograd.functional.jacobian(lambda t, f=f, yi=yi: loss_fn(f(t), yi), theta0))
     return torch.stack(grads)
 
@@ -527,7 +527,8 @@ def test_empirical_fisher_of_a_recurrent_model():
     x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=g)
     before = snapshot(model)
-    op = EmpiricalFisherOperator(model, F.cross_entropy, split(x, y, [2, 3]))
-    gr = per_sample_gradients(model, [(x[i : i + 1], y[i : i + 1]) for i in range(5)], F.cross_entropy)
+    names = ["gru.bias_hh_l0", "head.bias"]  # θ: a recurrent bias and the head's bias
+    op = EmpiricalFisherOperator(model, F.cross_entropy, split(x, y, [2, 3]), params=names)
+    gr = per_sample_gradients(model, [(x[i : i + 1], y[i : i + 1]) for i in range(5)], F.cross_entropy, names)
     torch.testing.assert_close(op.dense(), gr.T @ gr / 5, rtol=1e-9, atol=1e-12)
     assert_untouched(model, before)
