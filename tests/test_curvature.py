@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from conftest import (
+    _output_function,
     assert_untouched,
     classification_data,
     dense_hessian_oracle,
@@ -32,6 +33,7 @@ from flatness import (
     FisherOperator,
     GGNOperator,
     HessianOperator,
+    NonFiniteLossError,
     curvature_operator,
     hessian_density,
     hessian_topk,
@@ -351,3 +353,182 @@ def test_plot_block_densities_draws_each_block_on_a_shared_axis():
     assert len({ax.get_xlim() for ax in axes}) == 1
     with pytest.raises(TypeError, match="densities per block"):
         plot_block_densities(hessian_trace(model, F.cross_entropy, (x, y), blocks="module", n_hvp=6))
+
+
+# ---------------------------------------------------------------- log-probability models (NLL)
+def log_probability_model(seed):
+    """(logits model, the same model ending with LogSoftmax): they share their parameters."""
+    logits = make_mlp(seed)
+    return logits, nn.Sequential(logits, nn.LogSoftmax(dim=1))
+
+
+def test_fisher_of_log_probability_outputs_with_nll_is_the_softmax_fisher():
+    """F.nll_loss on log-probabilities is linear in the outputs: the Fisher is that of softmax(z)."""
+    logits, model = log_probability_model(13)
+    x, y = classification_data(10)
+    data = split(x, y, [6, 4])
+    before = snapshot(model)
+    oracle = softmax_ggn_oracle(logits, x, y)
+    for loss_fn in (F.nll_loss, nn.NLLLoss()):  # likelihood inferred, as for cross-entropy
+        torch.testing.assert_close(
+            FisherOperator(model, loss_fn, data).dense(), oracle, rtol=1e-9, atol=1e-12
+        )
+    lam = lambda z, t: F.nll_loss(z, t)  # noqa: E731 - not inferable: stated
+    torch.testing.assert_close(
+        FisherOperator(model, lam, data, likelihood="categorical").dense(), oracle, rtol=1e-9, atol=1e-12
+    )
+    top = hessian_topk(model, F.nll_loss, data, k=3, curvature="fisher", tol=1e-10)
+    exact = torch.linalg.eigvalsh(oracle).flip(0)[:3]
+    torch.testing.assert_close(top.eigenvalues, exact, rtol=1e-6, atol=0)
+    tr = hessian_trace(model, F.nll_loss, data, curvature="fisher", n_hvp=3 * oracle.shape[0])
+    assert tr.estimate == pytest.approx(float(oracle.trace()), rel=0.05)
+    mc = FisherOperator(model, F.nll_loss, data, mc_samples=500, mc_seed=1).dense()
+    assert float((mc - oracle).norm() / oracle.norm()) < 0.15
+    assert_untouched(model, before)
+
+
+def test_fisher_of_nll_follows_ignore_index_and_refuses_outputs_that_are_not_log_probabilities():
+    logits, model = log_probability_model(14)
+    x, y = classification_data(8)
+    y_ignored = y.clone()
+    y_ignored[:3] = -100
+    fisher = FisherOperator(model, nn.NLLLoss(ignore_index=-100), (x, y_ignored)).dense()
+    torch.testing.assert_close(fisher, softmax_ggn_oracle(logits, x[3:], y[3:]), rtol=1e-9, atol=1e-12)
+    # NLL of raw logits is not a likelihood: refused rather than a Fisher of nothing
+    op = FisherOperator(logits, F.nll_loss, (x, y))
+    with pytest.raises(ValueError, match="not log-probabilities"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+
+
+def test_monte_carlo_fisher_with_a_nan_parameter_names_the_cause():
+    model = make_mlp(15)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    x, y = classification_data(6)
+    before = [p.detach().clone() for p in model.parameters()]
+    op = FisherOperator(model, F.cross_entropy, (x, y), mc_samples=2)
+    with pytest.raises(NonFiniteLossError, match=r"mc_samples: .*not finite"):
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    for p, b in zip(model.parameters(), before, strict=True):  # NaN ≠ NaN: compare bits
+        assert torch.equal(p.detach().nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------- empirical Fisher: ignored targets
+def per_sample_gradients(model, samples, loss_fn, names=None):
+    """(rows, n): ∇θ loss_fn(model(x_i), y_i) of each sample run alone (an independent oracle)."""
+    grads = []
+    for xi, yi in samples:
+        f, theta0 = _output_function(model, xi, names)
+        grads.append(torch.autograd.functional.jacobian(lambda t, f=f, yi=yi: loss_fn(f(t), yi), theta0))
+    return torch.stack(grads)
+
+
+def test_empirical_fisher_with_ignored_rows_weights_the_rows_with_a_loss():
+    """Rows whose target is ignore_index have no loss (0/0): they count nothing; each batch's
+    rows with a loss share its weight, as in the loss itself."""
+    model = make_mlp(16)
+    x, y = classification_data(9)
+    y = y.clone()
+    y[[0, 2, 7]] = -100
+    loss_fn = nn.CrossEntropyLoss()
+    before = snapshot(model)
+    data = split(x, y, [4, 5])
+    op = EmpiricalFisherOperator(model, loss_fn, data)
+    oracle = 0
+    for xb, yb in data:  # batch weight m_b/M = rows/9, then 1/(rows with a loss) within the batch
+        keep = yb != -100
+        g = per_sample_gradients(
+            model, [(xb[i : i + 1], yb[i : i + 1]) for i in keep.nonzero()[:, 0]], loss_fn
+        )
+        oracle = oracle + (len(yb) / 9) * g.T @ g / int(keep.sum())
+    torch.testing.assert_close(op.dense(), oracle, rtol=1e-9, atol=1e-12)
+    assert_untouched(model, before)
+
+
+class SequenceTagger(nn.Module):
+    """(N, T, d) -> (N, C, T) logits, per token with a causal running mean (tokens interact)."""
+
+    def __init__(self, d=3, classes=4):
+        super().__init__()
+        self.inp = nn.Linear(d, 5)
+        self.out = nn.Linear(5, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = h.cumsum(1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]
+        return self.out(h).transpose(1, 2)
+
+
+def tagging_data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (7, 4), generator=g)
+    y[0, 2:] = -100  # padded positions
+    y[1] = -100  # a fully padded sequence: no loss
+    y[4, 1:] = -100
+    y[5, :3] = -100
+    return x, y
+
+
+def test_empirical_fisher_with_token_weighted_batch_size_and_padded_sequences():
+    """The batch_size recipe counting predicted tokens: each sequence's gradient (of its token
+    mean) weighs its tokens' share, Σᵢ (nᵢ/N) gᵢ gᵢᵀ; a fully padded sequence counts nothing."""
+    torch.manual_seed(0)
+    model = SequenceTagger().double()
+    x, y = tagging_data()
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    tokens = lambda b: int((b[1] != -100).sum())  # noqa: E731
+    data = split(x, y, [3, 4])
+    op = EmpiricalFisherOperator(model, loss_fn, data, batch_size=tokens)
+    counts = (y != -100).sum(1)
+    keep = counts.nonzero()[:, 0]
+    g = per_sample_gradients(model, [(x[i : i + 1], y[i : i + 1]) for i in keep], loss_fn)
+    oracle = g.T @ (g * (counts[keep, None] / counts.sum()))
+    torch.testing.assert_close(op.dense(), oracle, rtol=1e-9, atol=1e-12)
+    # default sizes: every sequence with a loss weighs the same within its batch (per row)
+    per_row = EmpiricalFisherOperator(model, loss_fn, data).dense()
+    ref = 0
+    for (_xb, yb), rows in zip(data, ([0, 2], [3, 4, 5, 6]), strict=True):
+        gb = per_sample_gradients(model, [(x[i : i + 1], y[i : i + 1]) for i in rows], loss_fn)
+        ref = ref + (len(yb) / 7) * gb.T @ gb / len(rows)
+    torch.testing.assert_close(per_row, ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size: the empirical Fisher splits a batch into its 3 rows"):
+        EmpiricalFisherOperator(model, loss_fn, data, batch_size=lambda b: 2 * len(b[0]) + 1) @ torch.ones(
+            op.shape[0], dtype=torch.float64
+        )
+
+
+def test_empirical_fisher_with_a_nan_input_still_blames_the_loss():
+    model = make_mlp(17)
+    x, y = classification_data(6)
+    x = x.clone()
+    x[2, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="the loss is nan"):
+        EmpiricalFisherOperator(model, F.cross_entropy, (x, y)) @ torch.ones(
+            sum(p.numel() for p in model.parameters()), dtype=torch.float64
+        )
+
+
+class GRUClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def test_empirical_fisher_of_a_recurrent_model():
+    """vmap has no batching rule for aten::gru: samples are run one at a time, same matrix."""
+    torch.manual_seed(1)
+    model = GRUClassifier().double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    before = snapshot(model)
+    names = ["gru.bias_hh_l0", "head.bias"]  # θ: a recurrent bias and the head's bias
+    op = EmpiricalFisherOperator(model, F.cross_entropy, split(x, y, [2, 3]), params=names)
+    gr = per_sample_gradients(model, [(x[i : i + 1], y[i : i + 1]) for i in range(5)], F.cross_entropy, names)
+    torch.testing.assert_close(op.dense(), gr.T @ gr / 5, rtol=1e-9, atol=1e-12)
+    assert_untouched(model, before)

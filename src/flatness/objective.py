@@ -98,6 +98,11 @@ class _LossModule(nn.Module):
         batch_outputs: BatchOutputs | None = None,
     ):
         super().__init__()
+        # A batch_loss that states its own split (``batch_loss.split = (batch_outputs, loss_fn)``,
+        # as lm_loss's does) is that pair: the GGN and the Fisher can use it too.
+        split = getattr(batch_loss, "split", None)
+        if split is not None and loss_fn is None and batch_outputs is None:
+            (batch_outputs, loss_fn), batch_loss = split, None
         self.model = model
         self._loss_fn = loss_fn
         self._batch_loss = batch_loss
@@ -168,7 +173,9 @@ class Objective:
             batch sum with ``reduction="sum"``). Omit it when ``batch_loss`` is given.
         data: a DataLoader, a re-iterable of batches, or one ``(inputs, targets)`` batch.
         batch_loss: ``batch_loss(model, batch) -> scalar`` replacing ``loss_fn`` for dict
-            batches or models whose call is not ``model(inputs)`` (Hessian measures only).
+            batches or models whose call is not ``model(inputs)`` (Hessian measures only, unless
+            it states its split as ``batch_loss.split = (batch_outputs, loss_fn)``, as
+            :func:`flatness.integrations.huggingface.lm_loss` does).
         batch_outputs: ``batch_outputs(model, batch) -> (outputs, targets)``, used with
             ``loss_fn(outputs, targets)`` for batches that are not ``(inputs, targets)`` pairs.
             Unlike ``batch_loss`` it tells which part is the model's output and which the loss,

@@ -72,6 +72,12 @@ def lm_loss(
     ``Trainer`` weights tokens across accumulated batches; weighting by sequences
     (the default for dict batches) would give batches with more padding too much weight.
 
+    The batch loss states its split into the model's outputs (the shifted logits, one row per
+    position) and ``nn.CrossEntropyLoss(ignore_index=...)``, so the same one line serves every
+    curvature: the Hessian, the GGN, the Fisher (categorical likelihood, inferred) and the
+    empirical Fisher (per sequence, each weighted by its number of predicted tokens; see
+    docs/operators.md) of the token-mean loss.
+
     Args:
         kind: ``"causal"`` (GPT-style, labels = input ids) or ``"masked"`` (BERT-style).
         label_key: the labels' key in the dict batches; every other key is passed to the
@@ -80,7 +86,7 @@ def lm_loss(
 
     Returns:
         ``{"batch_loss": f(model, batch), "batch_size": g(batch)}``, keyword arguments for any
-        flatness function (``hessian_topk(model, None, data, **lm_loss())``) or
+        flatness function (``hessian_topk(model, None, data, curvature="ggn", **lm_loss())``) or
         ``Monitor(None, data, options={"*": lm_loss()})``.
 
     Raises:
@@ -94,6 +100,7 @@ def lm_loss(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     shift = kind == "causal"
+    loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
 
     def labels_of(batch: Any) -> torch.Tensor:
         if not isinstance(batch, Mapping) or label_key not in batch:
@@ -102,7 +109,7 @@ def lm_loss(
         labels = batch[label_key]
         return labels[..., 1:] if shift else labels
 
-    def batch_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    def batch_outputs(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = labels_of(batch)
         inputs = {k: v for k, v in batch.items() if k != label_key}
         logits = _logits(model(**inputs))
@@ -110,11 +117,15 @@ def lm_loss(
             logits = logits[..., :-1, :]
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # as transformers' own losses: the softmax in float32
-        return nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1).to(logits.device),
-            ignore_index=ignore_index,
-        )
+        return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)
+
+    def batch_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return loss_fn(*batch_outputs(model, batch))
+
+    def per_row(batch: Mapping[str, Any]) -> torch.Tensor:
+        """The number of predicted tokens of each row (sequence) of a batch."""
+        labels = labels_of(batch)
+        return (labels != ignore_index).reshape(labels.shape[0], -1).sum(1)
 
     def batch_size(batch: Mapping[str, Any]) -> int:
         n = int((labels_of(batch) != ignore_index).sum())
@@ -127,7 +138,12 @@ def lm_loss(
         return n
 
     batch_loss.__qualname__ = f"lm_loss({kind!r}).batch_loss"
+    batch_outputs.__qualname__ = f"lm_loss({kind!r}).batch_outputs"
     batch_size.__qualname__ = f"lm_loss({kind!r}).batch_size"
+    # The split the GGN and the Fisher need (flatness.Objective reads it), and the per-row
+    # sizes the empirical Fisher weights its per-sequence gradients with.
+    batch_loss.split = (batch_outputs, loss_fn)  # type: ignore[attr-defined]
+    batch_size.per_row = per_row  # type: ignore[attr-defined]
     return {"batch_loss": batch_loss, "batch_size": batch_size}
 
 

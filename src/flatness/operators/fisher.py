@@ -11,6 +11,7 @@ from torch import nn
 
 from flatness import _dist
 from flatness._validate import check_choice, check_positive, check_seed
+from flatness.objective import NonFiniteLossError
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
 from flatness.operators.ggn import output_hvp
@@ -21,9 +22,11 @@ LIKELIHOODS = ("categorical", "gaussian")
 
 
 def infer_likelihood(loss_fn: Any) -> str | None:
-    """``"categorical"`` for cross-entropy, ``"gaussian"`` for MSE, else None."""
+    """``"categorical"`` for cross-entropy and NLL, ``"gaussian"`` for MSE, else None."""
     if loss_fn is nn.functional.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss):
         return "categorical"
+    if loss_fn is nn.functional.nll_loss or isinstance(loss_fn, nn.NLLLoss):
+        return "categorical"  # of log-probability outputs (see FisherOperator)
     if loss_fn is nn.functional.mse_loss or isinstance(loss_fn, nn.MSELoss):
         return "gaussian"
     return None
@@ -63,7 +66,10 @@ class FisherOperator(CurvatureOperator):
     Hessian in the outputs so that any reduction, ``ignore_index`` or label smoothing is
     followed. For a categorical likelihood (softmax cross-entropy) the expectation is
     diag(p) − ppᵀ per prediction; for a Gaussian one (MSE) it is the identity per sample — in
-    both cases F equals the GGN exactly (Martens 2020, arXiv 1412.1193, §9.2).
+    both cases F equals the GGN exactly (Martens 2020, arXiv 1412.1193, §9.2). Outputs that are
+    log-probabilities with a loss linear in them (``F.nll_loss`` after ``LogSoftmax``: its
+    Hessian in z is 0) are logits of the same distribution, softmax(log p) = p: c is then read off
+    ``loss_fn(log_softmax(z))`` and F is the Fisher of softmax(z).
 
     ``mc_samples=None`` (default) gives that exact F. ``mc_samples=S`` gives the Monte-Carlo
     Fisher: S labels ŷ per prediction drawn from p(y|z), seeded by ``mc_seed``, the batch's
@@ -73,15 +79,17 @@ class FisherOperator(CurvatureOperator):
 
     Args (besides the objective's):
         mc_samples: ``None`` for the exact Fisher, or labels drawn per prediction (int ≥ 1).
-        likelihood: ``"categorical"`` (softmax cross-entropy), ``"gaussian"`` (MSE) or ``None``
-            to infer it from ``loss_fn`` (``F.cross_entropy`` / ``nn.CrossEntropyLoss``,
-            ``F.mse_loss`` / ``nn.MSELoss``).
+        likelihood: ``"categorical"`` (softmax cross-entropy, or NLL of log-probabilities),
+            ``"gaussian"`` (MSE) or ``None`` to infer it from ``loss_fn`` (``F.cross_entropy`` /
+            ``nn.CrossEntropyLoss``, ``F.nll_loss`` / ``nn.NLLLoss``, ``F.mse_loss`` / ``nn.MSELoss``).
         mc_seed: seed of the label draws.
 
     Raises:
         ValueError: when the likelihood cannot be inferred, or when the loss's Hessian in the
             outputs is not that of the stated likelihood (e.g. ``likelihood="categorical"``
-            with a loss that is not softmax cross-entropy).
+            with a loss that is not softmax cross-entropy), or a loss linear in outputs that are
+            not log-probabilities (``F.nll_loss`` of raw logits).
+        NonFiniteLossError: (Monte-Carlo) outputs that are not finite: no distribution to draw from.
     """
 
     name = "fisher"
@@ -118,6 +126,8 @@ class FisherOperator(CurvatureOperator):
             zl = z.detach().requires_grad_(True)
             loss = obj.output_loss(zl, targets)
             hu = output_hvp(loss, zl, *probes)
+            if self.likelihood == "categorical" and all(not bool(h.any()) for h in hu):
+                hu = self._log_probability_hvp(zl, targets, probes)
         p = self._probs(z)
         bu = [_rows(self._curvature(p, u), self.likelihood) for u in probes]
         hr = [_rows(h, self.likelihood) for h in hu]
@@ -139,6 +149,30 @@ class FisherOperator(CurvatureOperator):
                 f"likelihood= ({LIKELIHOODS}) or use curvature='ggn' for this loss"
             )
         return c
+
+    def _log_probability_hvp(self, z: torch.Tensor, targets: Any, probes: torch.Tensor) -> list[torch.Tensor]:
+        """H_ℓ u for a loss linear in the outputs: the NLL of log-probabilities z.
+
+        ``F.nll_loss(z, y)`` takes z = log p; its Hessian in z is 0, but z are logits of the
+        same distribution (softmax(log p) = p), and loss_fn(log_softmax(z)) equals loss_fn(z)
+        at such z with the Hessian c ⊙ (diag(p) − ppᵀ) of cross-entropy: the weights c follow.
+        Outputs that are not log-probabilities are refused (the Fisher of what?).
+        """
+        cdim = 1 if z.ndim >= 2 else 0
+        loss = self.objective.output_loss(torch.log_softmax(z, dim=cdim), targets)
+        hu = output_hvp(loss, z, *probes)
+        if all(not bool(h.any()) for h in hu):
+            return hu  # no prediction counts (e.g. every target ignored)
+        lse = torch.logsumexp(z.detach(), dim=cdim)
+        worst = float(lse.abs().max())
+        if not worst <= 10 * math.sqrt(torch.finfo(z.dtype).eps):
+            raise ValueError(
+                "likelihood: loss_fn is linear in the model's outputs (its Hessian in them is 0), as "
+                "F.nll_loss is, which takes log-probabilities; but the outputs are not log-probabilities "
+                f"(logsumexp over the classes is {worst:.3g} away from 0). End the model with "
+                "log_softmax, or use F.cross_entropy on the logits"
+            )
+        return hu
 
     def _probs(self, z: torch.Tensor) -> torch.Tensor | None:
         if self.likelihood != "categorical":
@@ -165,6 +199,12 @@ class FisherOperator(CurvatureOperator):
             shape = _rows(z, self.likelihood).shape
             return torch.randn((S, *shape), generator=gen, dtype=torch.float64).to(z.device, z.dtype)
         pr = _rows(p, "categorical")
+        if not bool(torch.isfinite(pr).all()):
+            raise NonFiniteLossError(
+                f"mc_samples: cannot draw labels on batch {index}: the model's outputs there are not "
+                "finite (a NaN or infinite parameter or input), so p(y|z) is no distribution; check "
+                "the model, the data and the parameters"
+            )
         labels = torch.multinomial(pr.detach().double().cpu(), S, replacement=True, generator=gen)
         onehot = torch.nn.functional.one_hot(labels.T, pr.shape[-1]).to(device=z.device, dtype=z.dtype)
         return pr[None] - onehot
