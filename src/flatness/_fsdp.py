@@ -541,17 +541,23 @@ class ShardedObjective:
         return loss.reshape(())
 
     def _finish(self, total: torch.Tensor, size: int, bad: bool, what: str) -> tuple[torch.Tensor, float]:
-        """Sum (losses, sizes, non-finite flags) over ranks; raise together if any is bad."""
-        head = torch.cat(
-            [total.double().cpu().reshape(-1), torch.tensor([float(size), float(bad)], dtype=torch.float64)]
-        )
+        """After a complete pass: sum (losses, sizes, flags) over ranks; raise together if any is bad.
+
+        Runs the replay check of one process (:meth:`DataSource.end_pass`: this pass against
+        the first, by fingerprints) on every rank, and raises on all ranks when any rank's
+        pass differs, before the non-finite check (``bad``).
+        """
+        differs = self.data.end_pass()
+        flags = [float(size), float(bad), float(differs is not None)]
+        head = torch.cat([total.double().cpu().reshape(-1), torch.tensor(flags, dtype=torch.float64)])
         head = self.space.reduce(head)
         self.n_passes += 1
-        if float(head[-1]):
-            raise NonFiniteLossError(f"the {what} is not finite (on {round(float(head[-1]))} rank(s))")
-        count = float(head[-2])
+        self.data.check_replay(differs, round(float(head[-1])))
+        if float(head[-2]):
+            raise NonFiniteLossError(f"the {what} is not finite (on {round(float(head[-2]))} rank(s))")
+        count = float(head[-3])
         scale = 1.0 / count if self.reduction == "mean" else 1.0
-        return head[:-2] * scale, scale
+        return head[:-3] * scale, scale
 
     def _grad_pass(self, theta: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), dtype=torch.float64)
@@ -713,12 +719,10 @@ class ShardedObjective:
                         totals[i] += w * values
                 if real:
                     size += m
-        head = torch.cat([totals.reshape(-1), torch.tensor([float(size)], dtype=torch.float64)])
-        head = self.space.reduce(head)
-        self.n_passes += 1
+        # Non-finite values are returned as they are (landscape grids keep NaN): bad=False.
+        sums, _ = self._finish(totals.reshape(-1), size, False, "loss")
         self.n_loss += k
-        scale = 1.0 / float(head[-1]) if self.reduction == "mean" else 1.0
-        table = (head[:-1] * scale).reshape(k, width).to(self.dtype)
+        table = sums.reshape(k, width).to(self.dtype)
         return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
 
     def __repr__(self) -> str:
