@@ -240,6 +240,8 @@ class ShardedObjective:
     ``self.space``). Every pass is an ordinary FSDP forward (and backward) of the model with
     its shards set to θ's; all ranks must call every method together. Ranks with fewer batches
     take part in the others' extra steps with zero weight, so the collectives stay matched.
+    Every pass goes through one process's replay check (each rank's pass against its first,
+    :meth:`flatness._data.DataSource.end_pass`), agreed over the ranks in the pass's reduction.
 
     Args:
         model: a model sharded with ``fully_shard`` on a 1-D device mesh (DTensor parameters).
@@ -251,6 +253,8 @@ class ShardedObjective:
 
     Raises:
         TypeError, ValueError: naming the argument, for bad input or unsupported sharding.
+            A pass raises the ``data`` ValueError on every rank when any rank's pass over its
+            data differs from its first.
     """
 
     def __init__(
