@@ -408,7 +408,12 @@ class DataSource:
                 replayed, how many other ranks' passes differ.
         """
         if n_differ:
-            raise ValueError(differs or f"data: the passes over the data differ on {n_differ} other rank(s)")
+            raise ValueError(
+                differs
+                or f"data: the passes over the data differ on {n_differ} other rank(s), whose error names "
+                "the pass, the batch and the fix; every measure needs the same batches in every pass "
+                "on every rank"
+            )
 
     def save_generators(self) -> list[torch.Tensor]:
         """The current states of the loader's generators, to restore after a pass."""
