@@ -261,6 +261,19 @@ class Replayable:
         return iter(self.batches)
 
 
+class Failing:
+    """A loader whose second batch fails on rank 1 (a worker's I/O error, say)."""
+
+    def __init__(self, batches, rank):
+        self.batches, self.rank = batches, rank
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == 1 and self.rank == 1:
+                raise OSError("disk read failed")
+            yield batch
+
+
 def _outcome(call):
     """("ok", value) or (error type name, message)."""
     try:
@@ -316,6 +329,15 @@ def _replay(rank, state_dicts):
     # A single landscape pass sees each batch once: nothing to compare, a value (as in one process).
     c = torch.linspace(-0.5, 0.5, 3)
     out["single_pass"] = _outcome(lambda: flatness.landscape_1d(model, F.cross_entropy, both, alphas=c).loss)
+    # Errors while fetching a batch on one rank: every rank raises (none waits in a collective).
+    from flatness._fsdp import ShardedObjective
+
+    mine = shard(x, y, rank)
+    empty = [*mine[:1], (x[:0], y[:0]), *mine[1:]] if rank == 1 else mine
+    out["empty_batch"] = _outcome(lambda: ShardedObjective(model, F.cross_entropy, Replayable(empty)).loss())
+    out["loader_error"] = _outcome(
+        lambda: ShardedObjective(model, F.cross_entropy, Failing(mine, rank)).loss()
+    )
     out["untouched"] = same_state(before, local_state(model))
     return out
 
@@ -587,6 +609,13 @@ def test_sharded_passes_that_differ_raise_on_every_rank(tmp_path):
                     )
         kind, value = r["single_pass"]
         assert kind == "ok" and torch.isfinite(torch.as_tensor(value)).all()
+        other = "data: fetching a batch, or reading its size, failed on 1 other rank(s)"
+        if rank == 1:
+            assert r["empty_batch"][0] == "ValueError" and "a batch has 0 samples" in r["empty_batch"][1]
+            assert r["loader_error"] == ("OSError", "disk read failed")
+        else:
+            for key in ("empty_batch", "loader_error"):
+                assert r[key][0] == "ValueError" and r[key][1].startswith(other), r[key]
     # The ranks raise the same error at the same pass: "pass N" agrees.
     for key in ranks[0]["both"]:
         assert ranks[0]["both"][key][1].split(" over")[0] == ranks[1]["both"][key][1].split(" over")[0]

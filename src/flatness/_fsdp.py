@@ -514,15 +514,36 @@ class ShardedObjective:
                 self.data.restore_generators(saved_data)
 
     def _steps(self) -> Iterator[tuple[Any, int, bool]]:
-        """(batch, size, real) per step; ranks out of batches replay their last one (weight 0)."""
+        """(batch, size, real) per step; ranks out of batches replay their last one (weight 0).
+
+        Fetching a batch and reading its size happen before the step's collective, and an error
+        there (the loader's own, or a batch ``batch_size`` refuses) is agreed over the ranks in
+        it: every rank raises, none is left waiting in the next collective.
+        """
         it = iter(self.data)
         last = None
         first = True
         while True:
-            batch = next(it, _END)
+            error: Exception | None = None
+            size = 0
+            try:
+                batch = next(it, _END)
+                if batch is not _END:
+                    size = batch_size_of(batch, self._size_fn)
+            except Exception as e:  # raised below, on every rank together
+                error, batch = e, _END
             have = batch is not _END
-            flags = torch.tensor([float(have)], dtype=torch.float64)
-            count = round(float(self.space.reduce(flags)))
+            flags = self.space.reduce(
+                torch.tensor([float(have), float(error is not None)], dtype=torch.float64)
+            )
+            count, n_error = round(float(flags[0])), round(float(flags[1]))
+            if error is not None:
+                raise error
+            if n_error:
+                raise ValueError(
+                    f"data: fetching a batch, or reading its size, failed on {n_error} other rank(s), "
+                    "whose error names the cause and the fix"
+                )
             if first and count < self._world:
                 missing = self._world - count
                 raise ValueError(
@@ -533,7 +554,7 @@ class ShardedObjective:
                 return
             if have:
                 last = move_batch(batch, self.device, None)
-                yield last, batch_size_of(batch, self._size_fn), True
+                yield last, size, True
             else:
                 yield last, 0, False
 
