@@ -239,11 +239,120 @@ def _model_level(rank, state_dicts):
     return out
 
 
-def _worker(rank, port, tmp, what, payload):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+class Noisy:
+    """A shard's batches with an augmentation seeded from OS entropy: no two passes are the same."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "little"))
+        for xb, yb in self.batches:
+            yield xb + 0.1 * torch.randn(xb.shape, generator=gen, dtype=xb.dtype), yb
+
+
+class Replayable:
+    """The same batches every pass, from a custom iterable (checked by fingerprints, unlike a list)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class Failing:
+    """A loader whose second batch fails on rank 1 (a worker's I/O error, say)."""
+
+    def __init__(self, batches, rank):
+        self.batches, self.rank = batches, rank
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == 1 and self.rank == 1:
+                raise OSError("disk read failed")
+            yield batch
+
+
+def _outcome(call):
+    """("ok", value) or (error type name, message)."""
     try:
-        result = {"core": _core, "model_level": _model_level}[what](rank, payload)
+        value = call()
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return "ok", value
+
+
+def _replay_calls(model, model_b, data):
+    """Every model-level function of a sharded model, each making several passes over ``data``."""
+    import flatness
+    from flatness._fsdp import ShardedObjective
+
+    c = torch.linspace(-0.5, 0.5, 3)
+    ce = F.cross_entropy
+
+    def twice():
+        obj = ShardedObjective(model, ce, data)
+        return [float(obj.loss()), float(obj.loss())]
+
+    return {
+        "loss": twice,
+        "trace": lambda: flatness.hessian_trace(model, ce, data, n_hvp=4, seed=3).estimate,
+        "topk": lambda: flatness.hessian_topk(model, ce, data, k=2, max_hvp=30).eigenvalues,
+        "density": lambda: flatness.hessian_density(model, ce, data, n_runs=1, n_steps=4).nodes,
+        "sharp_sub": lambda: flatness.sharpness(model, ce, data, epsilon=1e-2, subspace=5, max_iter=2).value,
+        "sharp_full": lambda: flatness.sharpness(model, ce, data, epsilon=1e-2, max_iter=2).value,
+        "avg": lambda: flatness.average_sharpness(model, ce, data, rho=0.05, n_samples=3, seed=6).value,
+        "adaptive": lambda: flatness.adaptive_sharpness(model, ce, data, rho=0.1).value,
+        "line": lambda: flatness.landscape_1d(model, ce, data, alphas=c, points_per_pass=1).loss,
+        "plane": lambda: (
+            flatness.landscape_2d(model, ce, data, alphas=c, betas=c[:2], points_per_pass=2).loss
+        ),
+        "interp": lambda: flatness.interpolate(model, model_b, ce, data, alphas=c, points_per_pass=1).loss,
+    }
+
+
+def _replay(rank, state_dicts):
+    """Passes that differ: on both ranks, then on rank 1 only (rank 0's data replays)."""
+    import flatness
+
+    x, y = make_data()
+    model = _sharded(state_dicts["a"])
+    model_b = _sharded(state_dicts["b"])
+    model.eval()
+    before = local_state(model)
+    out = {}
+    both = Noisy(shard(x, y, rank))
+    one = Noisy(shard(x, y, rank)) if rank == 1 else Replayable(shard(x, y, rank))
+    for case, data in (("both", both), ("one", one)):
+        out[case] = {key: _outcome(call) for key, call in _replay_calls(model, model_b, data).items()}
+    # A single landscape pass sees each batch once: nothing to compare, a value (as in one process).
+    c = torch.linspace(-0.5, 0.5, 3)
+    out["single_pass"] = _outcome(lambda: flatness.landscape_1d(model, F.cross_entropy, both, alphas=c).loss)
+    # Errors while fetching a batch on one rank: every rank raises (none waits in a collective).
+    from flatness._fsdp import ShardedObjective
+
+    mine = shard(x, y, rank)
+    empty = [*mine[:1], (x[:0], y[:0]), *mine[1:]] if rank == 1 else mine
+    out["empty_batch"] = _outcome(lambda: ShardedObjective(model, F.cross_entropy, Replayable(empty)).loss())
+    out["loader_error"] = _outcome(
+        lambda: ShardedObjective(model, F.cross_entropy, Failing(mine, rank)).loss()
+    )
+    out["untouched"] = same_state(before, local_state(model))
+    return out
+
+
+def _worker(rank, port, tmp, what, payload):
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    # A rank left waiting in a collective (its peer raised alone) fails after the timeout, not never.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    try:
+        workers = {"core": _core, "model_level": _model_level, "replay": _replay, "options": _options}
+        result = (what if callable(what) else workers[what])(rank, payload)
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -448,3 +557,227 @@ def test_sharded_space_in_one_process():
     top = lanczos_eigsh(Op(A), k=3, tol=1e-10)
     assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-9)
     assert hutchpp(Op(A), n_matvec=3 * n).estimate == pytest.approx(float(A.trace()), rel=1e-9)
+
+
+REPLAY_MESSAGE = "data: pass "  # the start of DataSource's message (one process raises the same)
+
+
+def _two_models():
+    model = make_model()
+    torch.manual_seed(1)
+    model_b = make_model()
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model, model_b
+
+
+def test_sharded_passes_that_differ_raise_on_every_rank(tmp_path):
+    """Data whose passes differ: the one-process replay ValueError on both ranks, never a number."""
+    import flatness
+
+    model, model_b = _two_models()
+    ranks = run_ranks(tmp_path, "replay", {"a": model.state_dict(), "b": model_b.state_dict()})
+    # One process raises this error for such data (the reference behaviour).
+    x, y = make_data()
+    with pytest.raises(ValueError, match="differs from the first"):
+        flatness.hessian_trace(model, F.cross_entropy, Noisy(batches(x, y)), n_hvp=4)
+    unsupported = {"sharp_full", "adaptive"}  # refused on sharded models before any pass
+    for rank, r in enumerate(ranks):
+        assert r["untouched"], "the sharded model was changed by a call that raised"
+        for case in ("both", "one"):
+            for key, (kind, message) in r[case].items():
+                assert kind == "ValueError", (rank, case, key, kind, message)
+                if key in unsupported:
+                    assert "fully_shard" in message, (key, message)
+                elif case == "both" or rank == 1:
+                    # This rank's own passes differ: the full message naming the cause and the fix.
+                    assert message.startswith(REPLAY_MESSAGE) and "differs from the first" in message, (
+                        rank,
+                        case,
+                        key,
+                        message,
+                    )
+                    assert "data = list(loader)" in message
+                else:
+                    # Rank 0 replays; it raises together with rank 1 (no rank left waiting).
+                    assert message.startswith(
+                        "data: the passes over the data differ on 1 other rank(s), whose error"
+                    ), (
+                        key,
+                        message,
+                    )
+        kind, value = r["single_pass"]
+        assert kind == "ok" and torch.isfinite(torch.as_tensor(value)).all()
+        other = "data: fetching a batch, or reading its size, failed on 1 other rank(s)"
+        if rank == 1:
+            assert r["empty_batch"][0] == "ValueError" and "a batch has 0 samples" in r["empty_batch"][1]
+            assert r["loader_error"] == ("OSError", "disk read failed")
+        else:
+            for key in ("empty_batch", "loader_error"):
+                assert r[key][0] == "ValueError" and r[key][1].startswith(other), r[key]
+    # The ranks raise the same error at the same pass: "pass N" agrees.
+    for key in ranks[0]["both"]:
+        assert ranks[0]["both"][key][1].split(" over")[0] == ranks[1]["both"][key][1].split(" over")[0]
+
+
+# ---------------------------------------------------------------------------- options
+def _loader_shard(x, y, rank):
+    """A shuffling DataLoader over the rank's shard (17 or 13 samples, batches of 4: 5 and 4)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    lo, hi = (0, 17) if rank == 0 else (17, N_SAMPLES)
+    ds = TensorDataset(x[lo:hi], y[lo:hi])
+    if rank == 0:  # the loader's own generator (rewound every pass)
+        return DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(11))
+    return DataLoader(ds, batch_size=4, shuffle=True)  # the global generator (reseeded every pass)
+
+
+def _padded_loader(x, y, rank):
+    """29 samples over 2 ranks with a shuffling DistributedSampler that pads one repeat."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    ds = TensorDataset(x[:29], y[:29])
+    sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=4)
+    return DataLoader(ds, batch_size=4, sampler=sampler)
+
+
+def _masked(x, y, rank):
+    """Dict batches with a per-sample mask; the loss is the mean over kept samples (token-style)."""
+    keep = torch.arange(N_SAMPLES) % 3 != 1
+    lo, hi = (0, 17) if rank == 0 else (17, N_SAMPLES)
+    x, y, keep = x[lo:hi], y[lo:hi], keep[lo:hi]
+    return Replayable(
+        [{"x": x[i : i + 5], "y": y[i : i + 5], "keep": keep[i : i + 5]} for i in range(0, hi - lo, 5)]
+    )
+
+
+def masked_loss(model, batch):
+    losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+    return (losses * batch["keep"]).sum() / batch["keep"].sum()
+
+
+def masked_size(batch):
+    return int(batch["keep"].sum())
+
+
+def _options(rank, state_dict):
+    """Replayable shuffling loaders, batch_size=, reduction='sum', max_batches on 2 ranks."""
+    import flatness
+    from flatness._fsdp import ShardedObjective
+    from flatness.sharpness import _sharded_subspace
+
+    x, y = make_data()
+    model = _sharded(state_dict)
+    model.eval()
+    before = local_state(model)
+    out = {}
+    c = torch.linspace(-0.5, 0.5, 3)
+    ce = F.cross_entropy
+    for case, data in (("shuffle", _loader_shard(x, y, rank)), ("padded", _padded_loader(x, y, rank))):
+        r = out[case] = {}
+        obj = ShardedObjective(model, ce, data)
+        r["loss"] = [float(obj.loss()), float(obj.loss())]  # a second pass: checked against the first
+        r["grad"] = obj.grad()
+        r["topk"] = flatness.hessian_topk(model, ce, data, k=3, tol=1e-8).eigenvalues
+        r["trace"] = flatness.hessian_trace(model, ce, data, n_hvp=12, seed=3).estimate
+        sharp = flatness.sharpness(model, ce, data, epsilon=1e-2, subspace=4, max_iter=3, seed=5)
+        r["sharp"] = sharp.value
+        r["sharp_A"] = _sharded_subspace(4, obj, torch.Generator().manual_seed(5))[0].T
+        r["avg"] = flatness.average_sharpness(model, ce, data, rho=0.05, n_samples=3, seed=6).value
+        line = flatness.landscape_1d(model, ce, data, alphas=c, points_per_pass=1, seed=8)
+        r["line"], r["line_dir"] = line.loss, obj.flatten(line.directions[0])
+    # batch_size=: batches weighted by their kept samples, not their rows.
+    r = out["masked"] = {}
+    obj = ShardedObjective(model, data=_masked(x, y, rank), batch_loss=masked_loss, batch_size=masked_size)
+    r["loss"] = float(obj.loss())
+    r["grad"] = obj.grad()
+    v = obj.space.randn(torch.Generator().manual_seed(5))
+    r["v"], r["hvp"] = v, obj.hvp(v)
+    # reduction="sum" and max_batches: sums over both ranks' (first) batches.
+    for case, opts in (("sum", {"reduction": "sum"}), ("max2", {"max_batches": 2})):
+        r = out[case] = {}
+        obj = ShardedObjective(model, ce, Replayable(shard(x, y, rank)), **opts)
+        r["loss"] = float(obj.loss())
+        r["grad"] = obj.grad()
+        r["v"], r["hvp"] = v, obj.hvp(v)
+    out["untouched"] = same_state(before, local_state(model))
+    out["ranges"], out["n"] = obj.space.ranges, obj.n
+    return out
+
+
+def _sub(ranks, case, key):
+    return gather([{**r[case], "ranges": r["ranges"], "n": r["n"]} for r in ranks], key)
+
+
+@pytest.mark.slow
+def test_sharded_options_equal_one_process(tmp_path):
+    """Replayable shuffling loaders, batch_size=, reduction='sum', max_batches: one process's numbers."""
+    import flatness
+    from flatness.algorithms import trace_estimate
+
+    model = make_model()
+    ranks = run_ranks(tmp_path, "options", model.state_dict())
+    x, y = make_data()
+    r0, r1 = ranks
+    assert r0["untouched"] and r1["untouched"]
+    for case, n_samples in (("shuffle", N_SAMPLES), ("padded", 29)):
+        # Eval mode: the size-weighted mean does not depend on the batching, so the whole data
+        # in one process is the oracle (the padded sampler's repeat must not count twice).
+        obj = flatness.Objective(model, F.cross_entropy, (x[:n_samples], y[:n_samples]))
+        one = _OneProcess(obj)
+        hess = torch.stack([obj.hvp(e) for e in torch.eye(obj.n, dtype=torch.float64)])
+        lam = torch.linalg.eigvalsh((hess + hess.T) / 2).flip(0)[:3]
+        for r in ranks:
+            a, b = r[case]["loss"]
+            assert a == b == pytest.approx(float(obj.loss()), rel=1e-12), case
+            assert float(((r[case]["topk"] - lam).abs() / lam.abs()).max()) < 1e-6, case
+            assert r[case]["trace"] == pytest.approx(
+                trace_estimate(one, method="hutch++", n_matvec=12, seed=3).estimate, rel=1e-6
+            )
+        assert rel(_sub(ranks, case, "grad"), obj.grad()) < 1e-12
+        A = _sub(ranks, case, "sharp_A")
+        single = flatness.sharpness(
+            model,
+            F.cross_entropy,
+            (x[:n_samples], y[:n_samples]),
+            epsilon=1e-2,
+            subspace=A.T,
+            max_iter=3,
+            seed=5,
+        )
+        assert r0[case]["sharp"] == pytest.approx(single.value, rel=1e-6, abs=1e-9)
+        gen = torch.Generator().manual_seed(6)
+        gains = [
+            float(obj.loss(obj.theta0 + 0.05 * obj.theta0.abs() * one.space.randn(gen))) - float(obj.loss())
+            for _ in range(3)
+        ]
+        assert r0[case]["avg"] == pytest.approx(sum(gains) / 3, rel=1e-9)
+        c = torch.linspace(-0.5, 0.5, 3)
+        line = flatness.landscape_1d(
+            model,
+            F.cross_entropy,
+            (x[:n_samples], y[:n_samples]),
+            alphas=c,
+            direction=_sub(ranks, case, "line_dir"),
+            normalization=None,
+        )
+        assert torch.allclose(torch.as_tensor(r0[case]["line"]), torch.as_tensor(line.loss), rtol=1e-12)
+    # batch_size=: the mean over kept samples of all the data (independent of the batching).
+    keep = torch.arange(N_SAMPLES) % 3 != 1
+    obj = flatness.Objective(model, data=(x[keep], y[keep]), loss_fn=F.cross_entropy)
+    v = _sub(ranks, "masked", "v")
+    assert r0["masked"]["loss"] == pytest.approx(float(obj.loss()), rel=1e-12)
+    assert rel(_sub(ranks, "masked", "grad"), obj.grad()) < 1e-12
+    assert rel(_sub(ranks, "masked", "hvp"), obj.hvp(v)) < 1e-8
+    # reduction="sum" over the ranks' batches; max_batches=2 on each rank.
+    both = shard(x, y, 0) + shard(x, y, 1)
+    for case, data, opts in (
+        ("sum", both, {"reduction": "sum"}),
+        ("max2", shard(x, y, 0)[:2] + shard(x, y, 1)[:2], {}),
+    ):
+        obj = flatness.Objective(model, F.cross_entropy, data, **opts)
+        assert r0[case]["loss"] == r1[case]["loss"] == pytest.approx(float(obj.loss()), rel=1e-12), case
+        assert rel(_sub(ranks, case, "grad"), obj.grad()) < 1e-12, case
+        assert rel(_sub(ranks, case, "hvp"), obj.hvp(v)) < 1e-8, case

@@ -394,6 +394,27 @@ class DataSource:
             "materialize the batches once: data = list(loader)"
         )
 
+    @staticmethod
+    def check_replay(differs: str | None, n_differ: int) -> None:
+        """Raise the replay error on every rank if any rank's pass differed from its first.
+
+        Args:
+            differs: this rank's :meth:`end_pass` message (None if its pass replayed).
+            n_differ: how many ranks' passes differed, summed over the ranks in the pass's
+                collective (0 or 1 in one process), so that all ranks raise together.
+
+        Raises:
+            ValueError: ``n_differ > 0``: this rank's message, or on a rank whose own pass
+                replayed, how many other ranks' passes differ.
+        """
+        if n_differ:
+            raise ValueError(
+                differs
+                or f"data: the passes over the data differ on {n_differ} other rank(s), whose error names "
+                "the pass, the batch and the fix; every measure needs the same batches in every pass "
+                "on every rank"
+            )
+
     def save_generators(self) -> list[torch.Tensor]:
         """The current states of the loader's generators, to restore after a pass."""
         return [g.get_state() for g in self._generators]

@@ -240,6 +240,8 @@ class ShardedObjective:
     ``self.space``). Every pass is an ordinary FSDP forward (and backward) of the model with
     its shards set to θ's; all ranks must call every method together. Ranks with fewer batches
     take part in the others' extra steps with zero weight, so the collectives stay matched.
+    Every pass goes through one process's replay check (each rank's pass against its first,
+    :meth:`flatness._data.DataSource.end_pass`), agreed over the ranks in the pass's reduction.
 
     Args:
         model: a model sharded with ``fully_shard`` on a 1-D device mesh (DTensor parameters).
@@ -251,6 +253,8 @@ class ShardedObjective:
 
     Raises:
         TypeError, ValueError: naming the argument, for bad input or unsupported sharding.
+            A pass raises the ``data`` ValueError on every rank when any rank's pass over its
+            data differs from its first.
     """
 
     def __init__(
@@ -510,15 +514,36 @@ class ShardedObjective:
                 self.data.restore_generators(saved_data)
 
     def _steps(self) -> Iterator[tuple[Any, int, bool]]:
-        """(batch, size, real) per step; ranks out of batches replay their last one (weight 0)."""
+        """(batch, size, real) per step; ranks out of batches replay their last one (weight 0).
+
+        Fetching a batch and reading its size happen before the step's collective, and an error
+        there (the loader's own, or a batch ``batch_size`` refuses) is agreed over the ranks in
+        it: every rank raises, none is left waiting in the next collective.
+        """
         it = iter(self.data)
         last = None
         first = True
         while True:
-            batch = next(it, _END)
+            error: Exception | None = None
+            size = 0
+            try:
+                batch = next(it, _END)
+                if batch is not _END:
+                    size = batch_size_of(batch, self._size_fn)
+            except Exception as e:  # raised below, on every rank together
+                error, batch = e, _END
             have = batch is not _END
-            flags = torch.tensor([float(have)], dtype=torch.float64)
-            count = round(float(self.space.reduce(flags)))
+            flags = self.space.reduce(
+                torch.tensor([float(have), float(error is not None)], dtype=torch.float64)
+            )
+            count, n_error = round(float(flags[0])), round(float(flags[1]))
+            if error is not None:
+                raise error
+            if n_error:
+                raise ValueError(
+                    f"data: fetching a batch, or reading its size, failed on {n_error} other rank(s), "
+                    "whose error names the cause and the fix"
+                )
             if first and count < self._world:
                 missing = self._world - count
                 raise ValueError(
@@ -529,7 +554,7 @@ class ShardedObjective:
                 return
             if have:
                 last = move_batch(batch, self.device, None)
-                yield last, batch_size_of(batch, self._size_fn), True
+                yield last, size, True
             else:
                 yield last, 0, False
 
@@ -541,17 +566,23 @@ class ShardedObjective:
         return loss.reshape(())
 
     def _finish(self, total: torch.Tensor, size: int, bad: bool, what: str) -> tuple[torch.Tensor, float]:
-        """Sum (losses, sizes, non-finite flags) over ranks; raise together if any is bad."""
-        head = torch.cat(
-            [total.double().cpu().reshape(-1), torch.tensor([float(size), float(bad)], dtype=torch.float64)]
-        )
+        """After a complete pass: sum (losses, sizes, flags) over ranks; raise together if any is bad.
+
+        Runs the replay check of one process (:meth:`DataSource.end_pass`: this pass against
+        the first, by fingerprints) on every rank, and raises on all ranks when any rank's
+        pass differs, before the non-finite check (``bad``).
+        """
+        differs = self.data.end_pass()
+        flags = [float(size), float(bad), float(differs is not None)]
+        head = torch.cat([total.double().cpu().reshape(-1), torch.tensor(flags, dtype=torch.float64)])
         head = self.space.reduce(head)
         self.n_passes += 1
-        if float(head[-1]):
-            raise NonFiniteLossError(f"the {what} is not finite (on {round(float(head[-1]))} rank(s))")
-        count = float(head[-2])
+        self.data.check_replay(differs, round(float(head[-1])))
+        if float(head[-2]):
+            raise NonFiniteLossError(f"the {what} is not finite (on {round(float(head[-2]))} rank(s))")
+        count = float(head[-3])
         scale = 1.0 / count if self.reduction == "mean" else 1.0
-        return head[:-2] * scale, scale
+        return head[:-3] * scale, scale
 
     def _grad_pass(self, theta: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), dtype=torch.float64)
@@ -713,12 +744,10 @@ class ShardedObjective:
                         totals[i] += w * values
                 if real:
                     size += m
-        head = torch.cat([totals.reshape(-1), torch.tensor([float(size)], dtype=torch.float64)])
-        head = self.space.reduce(head)
-        self.n_passes += 1
+        # Non-finite values are returned as they are (landscape grids keep NaN): bad=False.
+        sums, _ = self._finish(totals.reshape(-1), size, False, "loss")
         self.n_loss += k
-        scale = 1.0 / float(head[-1]) if self.reduction == "mean" else 1.0
-        table = (head[:-1] * scale).reshape(k, width).to(self.dtype)
+        table = sums.reshape(k, width).to(self.dtype)
         return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
 
     def __repr__(self) -> str:

@@ -517,8 +517,7 @@ class Objective:
         if n_empty:
             where = "" if self._group is None else f" on {n_empty} rank(s); every rank needs a shard"
             raise ValueError(f"data: the data yielded no batches{where}; pass at least one batch")
-        if n_differ:
-            raise ValueError(differs or f"data: the passes over the data differ on {n_differ} other rank(s)")
+        self.data.check_replay(differs, n_differ)
         if n_bad:
             bad = (~finite).nonzero()
             if not ok and bad.numel():
