@@ -19,7 +19,7 @@ Monitor's default) and the warm start before issue 19. Prints HVPs per record an
 disagreement of the warm λ₁ with the cold one.
 
 Usage: ``python benchmarks/bench_monitor_warmstart.py [--trials 200] [--steps 400] [--every 10]
-[--lr 0.2] [--skip-run]``.
+[--lr 0.2] [--skip-run] [--skip-crossings]``.
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tol", type=float, nargs="+", default=[1e-3, 1e-2])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--skip-run", action="store_true", help="only the crossings (part 1)")
+    ap.add_argument("--skip-crossings", action="store_true", help="only the training run (part 2)")
     args = ap.parse_args(argv)
-    out = {"crossings": crossings(args.trials, args.tol[0])}
+    out = {} if args.skip_crossings else {"crossings": crossings(args.trials, args.tol[0])}
     if not args.skip_run:
         out["run"] = edge_of_stability(args)
     return out

@@ -189,7 +189,8 @@ def test_progress_callback():
         ({"v0": torch.zeros(10)}, ValueError, "v0"),
         ({"v0_mix": -0.1}, ValueError, "v0_mix: got -0.1"),
         ({"v0_mix": float("nan")}, ValueError, "v0_mix: got nan"),
-        ({"v0_mix": True}, ValueError, "v0_mix: got True"),
+        ({"v0_mix": True}, TypeError, "v0_mix: expected a number"),
+        ({"v0_mix": "0.3"}, TypeError, "v0_mix: expected a number"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):

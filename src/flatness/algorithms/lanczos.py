@@ -155,6 +155,19 @@ def _order_np(theta: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")
 
 
+def check_v0_mix(v0_mix: Any) -> None:
+    """``v0_mix`` must be a finite number ≥ 0 (TypeError for a non-number, ValueError otherwise)."""
+    if isinstance(v0_mix, bool) or not isinstance(v0_mix, (int, float, np.floating, np.integer)):
+        raise TypeError(
+            f"v0_mix: expected a number ≥ 0 (the weight of the random part of a given v0), got {v0_mix!r}"
+        )
+    if not 0 <= v0_mix < math.inf:
+        raise ValueError(
+            f"v0_mix: got {v0_mix!r}; expected a finite number ≥ 0 (the weight of the random part "
+            "of a given v0; 0 starts from v0 exactly)"
+        )
+
+
 def check_which(which: str) -> None:
     check_choice("which", which, WHICH)
 
@@ -421,7 +434,7 @@ def lanczos_eigsh(
 
     Raises:
         ValueError, TypeError: for k outside [1, n), tol ≤ 0, unknown ``which``, bad ncv /
-            max_matvec / v0 / basis_device / keep_products / min_steps, or a matvec returning the
+            max_matvec / v0 / v0_mix / basis_device / keep_products / min_steps, or a matvec returning the
             wrong size.
     """
     op = as_operator(A, n, device=device, dtype=dtype)
@@ -445,11 +458,7 @@ def lanczos_eigsh(
     reserve = 0 if keep_w else k  # products kept back for the final confirmation
     check_positive("max_matvec", max_matvec, integer=True, allow_none=True)
     check_positive("min_steps", min_steps, integer=True, allow_none=True)
-    if isinstance(v0_mix, bool) or not isinstance(v0_mix, (int, float)) or not 0 <= v0_mix < math.inf:
-        raise ValueError(
-            f"v0_mix: got {v0_mix!r}; expected a finite number ≥ 0 (the weight of the random part "
-            "of a given v0; 0 starts from v0 exactly)"
-        )
+    check_v0_mix(v0_mix)
     budget = 100 * m if max_matvec is None else max_matvec
     if budget < reserve + 1:
         raise ValueError(

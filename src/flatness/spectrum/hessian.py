@@ -21,7 +21,14 @@ from flatness._guard import model_guard
 from flatness._progress import ProgressArg
 from flatness._validate import check_choice, check_positive
 from flatness.algorithms.density import DensityResult, slq_density
-from flatness.algorithms.lanczos import LanczosResult, Which, check_which, default_ncv, lanczos_eigsh
+from flatness.algorithms.lanczos import (
+    LanczosResult,
+    Which,
+    check_v0_mix,
+    check_which,
+    default_ncv,
+    lanczos_eigsh,
+)
 from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
 from flatness.objective import check_options
 from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
@@ -307,13 +314,14 @@ def hessian_topk(
     Raises:
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
             or ``curvature``, bad ``max_hvp`` / ``ncv`` / ``v0`` / ``blocks`` / ``basis_device`` /
-            ``keep_products`` / ``min_steps`` and the objective's own checks.
+            ``keep_products`` / ``min_steps`` / ``v0_mix`` and the objective's own checks.
     """
     _check(hessian_topk, curvature, options)
     check_which(which)
     check_positive("tol", tol)
     check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
     check_positive("k", k, integer=True)
+    check_v0_mix(v0_mix)
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
 
