@@ -210,6 +210,41 @@ def test_warm_start_finds_a_crossing_on_a_large_spectrum():
     assert not wrong, wrong
 
 
+class _DiagonalQuadratic(nn.Module):
+    """f(θ) = ½ Σ dᵢ θᵢ² (Hessian diag(d)), one value per sample: HVPs in O(n)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("d", d.clone())
+        self.theta = nn.Parameter(torch.zeros_like(d))
+
+    def forward(self, x):
+        return (0.5 * (self.d * self.theta**2).sum()).expand(x.shape[0])
+
+
+def test_hessian_topk_warm_v0_finds_a_crossing():
+    """hessian_topk(v0=…) with the defaults, v0 = the previous top eigenvector (now λ₂'s) plus a unit
+    random vector of weight 0.1 (the Monitor's old start), n = 2,000: λ₁ = 1.0 every time (before
+    issue 19, 3 of these 10 returned 0.95 with converged=True)."""
+    from flatness import hessian_topk
+
+    n = 2000
+    bulk = torch.from_numpy(np.random.default_rng(1).uniform(0.0, 0.9, n - 2))
+    model = _DiagonalQuadratic(torch.cat([torch.tensor([1.0, 0.95], dtype=torch.float64), bulk]))
+    data = (torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    wrong = []
+    for seed in range(10):
+        noise = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        v0 = torch.zeros(n, dtype=torch.float64)
+        v0[1] = 1.0
+        v0 += 0.1 * noise / noise.norm()
+        res = hessian_topk(model, lambda out, _y: out.mean(), data, v0=v0, seed=seed)
+        assert res.converged
+        if abs(float(res.eigenvalues[0]) - 1.0) > 1e-3:
+            wrong.append(seed)
+    assert not wrong, wrong
+
+
 def _hessian_of_trainable(model, data):
     from conftest import dense_hessian_oracle
 
