@@ -408,10 +408,10 @@ def lanczos_eigsh(
             ≈ ``v0_mix`` against v0's 1 (default 0.3; 0 starts from v0 exactly). An eigenvector
             that v0 misses — the new top one after an eigenvalue crossing, when v0 is the old
             top eigenvector — then starts about ``1/v0_mix`` times weaker than from a random
-            start, whatever n, and the guard (``min_steps``) still finds it (measured rates in
-            :func:`default_min_steps`). A smaller ``v0_mix`` saves products when v0 is good and
-            loses crossings: a *unit* random part of weight 0.1 (each direction 0.1/√n) returned
-            λ₂ in up to 85% of crossings.
+            start, whatever n (measured for n = 300 to 100,000), and the guard (``min_steps``)
+            still finds it (see :func:`default_min_steps`). A smaller ``v0_mix`` saves products
+            when v0 is good and loses crossings: a *unit* random part of weight 0.1 (each
+            direction 0.1/√n) with a basis of 8 returned λ₂ in up to 88% of crossings.
         seed: seed of the local generator for the start (and any breakdown) vector.
         device: where and in which precision the operator's vectors live (default: the
             operator's; CPU and float64 for callables and arrays).
