@@ -143,7 +143,7 @@ def test_small_operator_and_invariant_start():
     # v0 = e_1 spans an invariant subspace at once: the solver must continue from a new direction.
     v0 = torch.zeros(5, dtype=torch.float64)
     v0[0] = 1.0
-    res = lanczos_eigsh(lambda v: H @ v, 5, 2, tol=1e-8, v0=v0)
+    res = lanczos_eigsh(lambda v: H @ v, 5, 2, tol=1e-8, v0=v0, v0_mix=0)
     assert res.converged
     assert torch.allclose(res.eigenvalues, torch.tensor([5.0, 4.0], dtype=torch.float64))
 
@@ -187,6 +187,10 @@ def test_progress_callback():
         ({"ncv": 1}, ValueError, "ncv: got 1"),
         ({"max_matvec": 0}, ValueError, "max_matvec"),
         ({"v0": torch.zeros(10)}, ValueError, "v0"),
+        ({"v0_mix": -0.1}, ValueError, "v0_mix: got -0.1"),
+        ({"v0_mix": float("nan")}, ValueError, "v0_mix: got nan"),
+        ({"v0_mix": True}, TypeError, "v0_mix: expected a number"),
+        ({"v0_mix": "0.3"}, TypeError, "v0_mix: expected a number"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -301,7 +305,7 @@ def test_invariant_start_does_not_end_the_search():
     H = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
     v0 = torch.zeros(30, dtype=torch.float64)
     v0[0] = 1.0
-    res = lanczos_eigsh(H, k=1, tol=1e-8, v0=v0)
+    res = lanczos_eigsh(H, k=1, tol=1e-8, v0=v0, v0_mix=0)
     assert res.converged and float(res.eigenvalues[0]) == pytest.approx(30.0)
 
 
@@ -400,3 +404,74 @@ def test_basis_device_option():
     assert torch.equal(a.eigenvalues, b.eigenvalues) and b.eigenvectors.device.type == "cpu"
     with pytest.raises(TypeError, match="basis_device"):
         lanczos_eigsh(H, k=2, basis_device=3.5)
+
+
+# ---------------------------------------------------------------- warm starts and crossings
+def _crossing(n, seed, *, classifier=False):
+    """λ₁ = 1, λ₂ = 0.95 (a diagonal H: Lanczos and the Gaussian starts are rotation invariant)."""
+    rng = np.random.default_rng(seed)
+    if classifier:
+        bulk = np.concatenate([rng.uniform(0.1, 0.9, 9), rng.exponential(0.01, n - 11)])
+    else:
+        bulk = rng.uniform(0.0, 0.9, n - 2)
+    return torch.from_numpy(np.concatenate([[1.0, 0.95], bulk]))
+
+
+@pytest.mark.parametrize(("n", "classifier"), [(2000, False), (300, False), (2000, True)])
+def test_warm_start_finds_a_crossing(n, classifier):
+    """v0 = the previous top eigenvector, now λ₂'s (an eigenvalue crossing), moved a little: λ₁ is
+    found from every start with the defaults. Before v0_mix (v0 used as given) 7 of these 20 starts
+    returned λ₂ = 0.95 with converged=True at n = 2,000 and 1 at n = 300."""
+    wrong, products = [], []
+    for seed in range(20):
+        d = _crossing(n, seed, classifier=classifier)
+        g = torch.Generator().manual_seed(seed)
+        v0 = torch.zeros(n, dtype=torch.float64)
+        v0[1] = 1.0
+        v0 += 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)  # the drift of a training step
+        res = lanczos_eigsh(lambda v, d=d: d * v, n, 1, tol=1e-3, v0=v0, seed=seed)
+        assert res.converged
+        products.append(res.n_matvec)
+        if abs(float(res.eigenvalues[0]) - 1.0) > 1e-3:
+            wrong.append(seed)
+    assert not wrong, wrong
+
+
+def test_warm_start_random_part_is_per_direction():
+    """The start is v0/‖v0‖ + v0_mix · g with g standard Gaussian (weight ≈ v0_mix on every
+    eigendirection); v0_mix=0 is v0 itself. One product of the operator I shows the start."""
+    n = 400
+    seen = []
+
+    def identity(v):
+        seen.append(v.clone())
+        return v
+
+    v0 = torch.zeros(n, dtype=torch.float64)
+    v0[0] = 3.0
+    lanczos_eigsh(identity, n, 1, v0=v0, v0_mix=0.1, seed=5, max_matvec=3, keep_products=True)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    start = v0 / 3 + 0.1 * g
+    assert torch.allclose(seen[0], start / start.norm())
+    assert 0.05 < float(start[1:].std()) < 0.15  # per direction ≈ 0.1 against v0's 1
+    seen.clear()
+    lanczos_eigsh(identity, n, 1, v0=v0, v0_mix=0, max_matvec=3, keep_products=True)
+    assert torch.equal(seen[0], v0 / 3)
+
+
+def test_warm_start_is_cheaper_without_a_crossing_when_convergence_is_slow():
+    """No crossing (v0 = λ₁'s eigenvector moved by 0.05): fewer products than a cold start where
+    the cold start needs more than the guard (bulk up to 0.9 of λ₁: cold ≈ 19, warm ≈ 14)."""
+    warm, cold = [], []
+    for seed in range(10):
+        d = _crossing(2000, seed)
+        g = torch.Generator().manual_seed(seed)
+        v0 = torch.zeros(2000, dtype=torch.float64)
+        v0[0] = 1.0
+        drift = torch.randn(2000, generator=g, dtype=torch.float64)
+        v0 += 0.05 * drift / drift.norm()
+        for out, start in ((warm, v0), (cold, None)):
+            res = lanczos_eigsh(lambda v, d=d: d * v, 2000, 1, tol=1e-3, v0=start, seed=seed)
+            assert res.converged and abs(float(res.eigenvalues[0]) - 1.0) <= 1e-3
+            out.append(res.n_matvec)
+    assert np.mean(warm) + 3 < np.mean(cold), (warm, cold)

@@ -13,8 +13,9 @@ parameters, buffers, flags, gradients or modes and restore the global RNG states
 never seen. So a run with the monitor ends with bit-identical weights to a run without it.
 
 ``top_eigenvalue`` records are warm-started: Lanczos starts from the previous record's top
-eigenvector (mixed with a seeded random vector), which moves little between records, so a
-record costs fewer Hessian-vector products than a cold start at the same tolerance.
+eigenvector plus 0.3 times a seeded standard Gaussian vector (so a new top eigenvector after an
+eigenvalue crossing is still found), which costs fewer Hessian-vector products than a cold
+start when λ₁'s convergence is slow, and about as many otherwise (docs: "monitor").
 Lightning and Hugging Face callbacks built on this class live in :mod:`flatness.integrations`.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -84,15 +86,11 @@ BUILTIN_MEASURES: dict[str, Callable[[nn.Module, Any, Any, dict[str, Any]], tupl
     "trace": _trace,
 }
 
-# Weight of the random part of a warm start (relative to the unit previous eigenvector): it
-# keeps every eigendirection in the Krylov space (the previous vector alone can be almost
-# orthogonal to a new top eigenvector after a crossing) at the cost of a few products.
-WARM_MIX = 0.1
-# Lanczos basis size of warm-started records (unless options give ncv): Lanczos accepts a pair
-# only after min(ncv, 11) products for k = 1 (a guard against a small Krylov space), so with the
-# default basis a warm start could not stop before 11 products; with 8 it stops at 8, which
-# the random part of the start makes safe (benchmarks/bench_monitor_warmstart.py).
-WARM_NCV = 8
+# A warm start is the previous eigenvector; hessian_topk adds v0_mix (0.3) times a seeded
+# standard Gaussian vector, so every eigendirection (the new top one after a crossing
+# included) starts with weight ≈ 0.3 against the previous vector's 1, and keeps the default
+# basis, whose guard of 11 products finds a crossing (benchmarks/bench_monitor_warmstart.py).
+# The seed of that random part changes from record to record.
 
 
 def _parse_measures(measures: Any) -> dict[str, Measure | str]:
@@ -186,6 +184,43 @@ def _check_learning_rate(learning_rate: Any) -> None:
         )
 
 
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _layout(model: nn.Module, options: Mapping[str, Any]) -> Layout | None:
+    """(name, shape) of the parameters a measure differentiates (``params``), or None if unknown."""
+    from flatness._params import select_params, unwrap
+
+    try:
+        chosen = select_params(unwrap(model), options.get("params"))
+    except (TypeError, ValueError):  # the measure itself will name the problem
+        return None
+    return tuple((n, tuple(p.shape)) for n, p in chosen)
+
+
+def _map_start(prev: tuple[Layout | None, torch.Tensor], layout: Layout | None) -> torch.Tensor | None:
+    """The previous eigenvector as a start for today's parameter ``layout``, or None.
+
+    Unchanged parameters: the vector as it is (also a sharded model's local piece). Changed ones
+    (a layer unfrozen or frozen between records): each parameter's piece by name, zeros for new
+    ones (the start's random part covers them); None when no piece is left or the previous
+    vector is not laid out like its parameters (a sharded model), i.e. a cold start.
+    """
+    old, vector = prev
+    if old is None or layout is None:
+        return None
+    if old == layout:
+        return vector
+    sizes = [math.prod(s) for _, s in old]
+    if sum(sizes) != vector.numel():
+        return None
+    pieces = dict(zip([n for n, _ in old], torch.split(vector, sizes), strict=True))
+    shapes = dict(old)
+    out = [pieces[n] if n in pieces and shapes[n] == s else vector.new_zeros(math.prod(s)) for n, s in layout]
+    start = torch.cat(out)
+    return start if bool(start.any()) else None
+
+
 class Monitor:
     """Records chosen measures every ``every`` steps into a list of rows (JSON / CSV).
 
@@ -213,9 +248,10 @@ class Monitor:
             gradient descent (no momentum) λ₁ > 2/η makes the step unstable along the top
             eigenvector.
         warm_start: start each ``top_eigenvalue`` record's Lanczos from the previous record's
-            eigenvector plus a seeded random vector of relative weight 0.1, with a Lanczos
-            basis of 8 vectors unless ``options`` give ``ncv`` (cold starts when False, or
-            when ``options`` give ``v0``).
+            eigenvector (mapped by parameter name when parameters were frozen or unfrozen
+            since) plus 0.3 times a seeded standard Gaussian vector (``v0_mix`` of
+            :func:`flatness.hessian_topk`); cold starts when False, or when ``options`` give
+            ``v0``.
         progress: ``True`` prints a line per record to stderr; a callable receives
             ``(number of records, None, row)`` after each record.
         **shared: the options every flatness function takes (those of
@@ -284,24 +320,22 @@ class Monitor:
         self.records: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
         self._step = 0
-        self._v0: dict[str, torch.Tensor] = {}
+        # per top_eigenvalue column: (parameter layout, eigenvector) of the latest record
+        self._v0: dict[str, tuple[Layout | None, torch.Tensor]] = {}
 
     def _options_for(self, name: str) -> dict[str, Any]:
         return {**self.options.get("*", {}), **self.options.get(name, {})}
 
-    def _warm_options(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        """``options`` with ``v0`` = previous eigenvector + 0.1 · a seeded random unit vector."""
-        # The previous vector's size matches while the options (params) stay the same.
+    def _warm_options(self, name: str, options: dict[str, Any], layout: Layout | None) -> dict[str, Any]:
+        """``options`` with ``v0`` = the previous eigenvector (mapped to today's parameters) and a
+        seed for its random part (``v0_mix``) that changes from record to record."""
         prev = self._v0.get(name)
         if not self.warm_start or prev is None or "v0" in options:
             return options
-        g = torch.Generator().manual_seed(int(options.get("seed", 0)) + len(self.records))
-        noise = torch.randn(prev.shape, generator=g, dtype=torch.float64).to(prev)
-        v0 = prev / prev.norm() + WARM_MIX * noise / noise.norm()
-        out = {**options, "v0": v0}
-        if "ncv" not in options and prev.numel() > WARM_NCV:
-            out["ncv"] = WARM_NCV
-        return out
+        v0 = _map_start(prev, layout)
+        if v0 is None:  # nothing of the previous vector fits today's parameters: a cold start
+            return options
+        return {**options, "v0": v0, "seed": int(options.get("seed", 0)) + len(self.records)}
 
     def _learning_rate(self) -> float:
         lr = self.learning_rate() if callable(self.learning_rate) else self.learning_rate
@@ -333,7 +367,8 @@ class Monitor:
                 if isinstance(fn, str):
                     options = self._options_for(name)
                     if fn == "top_eigenvalue":
-                        options = self._warm_options(name, options)
+                        layout = _layout(model, options)
+                        options = self._warm_options(name, options, layout)
                     value, result = BUILTIN_MEASURES[fn](model, self.loss_fn, self.data, options)
                     row[name] = value
                     if fn == "trace":  # an estimate: its standard error beside it
@@ -341,7 +376,7 @@ class Monitor:
                     if result is not None:
                         self.last_results[name] = result
                     if fn == "top_eigenvalue":
-                        self._v0[name] = result.eigenvectors[0].detach().clone()
+                        self._v0[name] = (layout, result.eigenvectors[0].detach().clone())
                 else:
                     value = fn(model)
                     if isinstance(value, torch.Tensor):

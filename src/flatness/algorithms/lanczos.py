@@ -128,6 +128,12 @@ def default_min_steps(k: int, m: int) -> int:
     starts, after k + 10 in 0% when the gap is ≥ 3% of λ₁ and ≥ 3 tol with 5 outliers and up to
     10% for gaps of 1% at 3 tol, after 20 steps (ARPACK's first check for k = 1) in none. The
     steps are counted across restarts; ``min_steps=`` overrides the default.
+
+    A warm start v0 (a previous eigenvector) that has become the *second* eigenvector (a
+    crossing) has c₁/c₂ ≈ ``v0_mix`` · z (z standard normal) instead of a Cauchy ratio, so the
+    same bound gives a probability about 1/``v0_mix`` ≈ 3 times a random start's. Measured
+    (``benchmarks/bench_monitor_warmstart.py``: λ₁ = 1, λ₂ = 0.95, v0 = λ₂'s eigenvector, tol
+    1e-3, 1,000 starts each): see the "monitor" page of the docs for the rates and products.
     """
     return min(m, k + GUARD_STEPS) if k == 1 else m
 
@@ -147,6 +153,19 @@ def _order_np(theta: np.ndarray, which: str) -> np.ndarray:
     if which == "smallest":
         return np.argsort(theta, kind="stable")
     return np.argsort(-np.abs(theta), kind="stable")
+
+
+def check_v0_mix(v0_mix: Any) -> None:
+    """``v0_mix`` must be a finite number ≥ 0 (TypeError for a non-number, ValueError otherwise)."""
+    if isinstance(v0_mix, bool) or not isinstance(v0_mix, (int, float, np.floating, np.integer)):
+        raise TypeError(
+            f"v0_mix: expected a number ≥ 0 (the weight of the random part of a given v0), got {v0_mix!r}"
+        )
+    if not 0 <= v0_mix < math.inf:
+        raise ValueError(
+            f"v0_mix: got {v0_mix!r}; expected a finite number ≥ 0 (the weight of the random part "
+            "of a given v0; 0 starts from v0 exactly)"
+        )
 
 
 def check_which(which: str) -> None:
@@ -338,6 +357,7 @@ def lanczos_eigsh(
     ncv: int | None = None,
     max_matvec: int | None = None,
     v0: torch.Tensor | None = None,
+    v0_mix: float = 0.3,
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -380,7 +400,18 @@ def lanczos_eigsh(
             capped at n.
         max_matvec: stop after this many products (``converged=False``); default 100·m. Without
             stored products, k of them are kept back for the final confirmation.
-        v0: starting vector (default: seeded Gaussian).
+        v0: starting vector (default: seeded Gaussian), e.g. a previous eigenvector (a warm
+            start); it is normalized and ``v0_mix`` times a seeded standard Gaussian vector is
+            added (see ``v0_mix``).
+        v0_mix: weight of the random part of a given ``v0``: the start is
+            v0/‖v0‖ + v0_mix · g with g ~ N(0, I_n), so that every eigendirection carries weight
+            ≈ ``v0_mix`` against v0's 1 (default 0.3; 0 starts from v0 exactly). An eigenvector
+            that v0 misses — the new top one after an eigenvalue crossing, when v0 is the old
+            top eigenvector — then starts about ``1/v0_mix`` times weaker than from a random
+            start, whatever n (measured for n = 300 to 100,000), and the guard (``min_steps``)
+            still finds it (see :func:`default_min_steps`). A smaller ``v0_mix`` saves products
+            when v0 is good and loses crossings: a *unit* random part of weight 0.1 (each
+            direction 0.1/√n) with a basis of 8 returned λ₂ in up to 88% of crossings.
         seed: seed of the local generator for the start (and any breakdown) vector.
         device: where and in which precision the operator's vectors live (default: the
             operator's; CPU and float64 for callables and arrays).
@@ -392,9 +423,9 @@ def lanczos_eigsh(
             extra product: ``True``, ``False``, or ``"auto"`` (default: store them when they take
             at most 256 MiB, where their memory does not matter).
         min_steps: Lanczos steps before any pair may be accepted; default min(m, 11) for k = 1
-            and m for k > 1 (see :func:`default_min_steps`). Raise it (e.g. to 20, ARPACK's first check for k = 1) for
-            a warm start ``v0`` that may be the *second* eigenvector, or when the top eigenvalues
-            may be only a few ``tol`` apart.
+            and m for k > 1 (see :func:`default_min_steps`). Raise it (e.g. to 20, ARPACK's first
+            check for k = 1) when the top eigenvalues may be only a few ``tol`` apart, or for a
+            warm start ``v0`` with ``v0_mix`` below its default or a basis ``ncv`` below 11.
         progress: ``True`` for a progress line, a callable ``(step, total, info)``, or False.
 
     Returns:
@@ -403,7 +434,7 @@ def lanczos_eigsh(
 
     Raises:
         ValueError, TypeError: for k outside [1, n), tol ≤ 0, unknown ``which``, bad ncv /
-            max_matvec / v0 / basis_device / keep_products / min_steps, or a matvec returning the
+            max_matvec / v0 / v0_mix / basis_device / keep_products / min_steps, or a matvec returning the
             wrong size.
     """
     op = as_operator(A, n, device=device, dtype=dtype)
@@ -427,6 +458,7 @@ def lanczos_eigsh(
     reserve = 0 if keep_w else k  # products kept back for the final confirmation
     check_positive("max_matvec", max_matvec, integer=True, allow_none=True)
     check_positive("min_steps", min_steps, integer=True, allow_none=True)
+    check_v0_mix(v0_mix)
     budget = 100 * m if max_matvec is None else max_matvec
     if budget < reserve + 1:
         raise ValueError(
@@ -443,6 +475,11 @@ def lanczos_eigsh(
     norm0 = space.norm(start)
     if not norm0 > 0 or not math.isfinite(norm0):
         raise ValueError("v0: the starting vector must be finite and nonzero")
+    if v0 is not None and v0_mix > 0:
+        # Every eigendirection gets weight ≈ v0_mix next to v0's 1 (not v0_mix/√n: a unit
+        # random vector would leave a crossing's new top eigenvector √n times weaker).
+        start = start / norm0 + v0_mix * space.randn(gen, 1)[0]
+        norm0 = space.norm(start)
 
     eps = torch.finfo(dtype).eps
     keep = min(k + (m - k) // 2, m - 1)

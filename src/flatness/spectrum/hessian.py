@@ -21,7 +21,14 @@ from flatness._guard import model_guard
 from flatness._progress import ProgressArg
 from flatness._validate import check_choice, check_positive
 from flatness.algorithms.density import DensityResult, slq_density
-from flatness.algorithms.lanczos import LanczosResult, Which, check_which, default_ncv, lanczos_eigsh
+from flatness.algorithms.lanczos import (
+    LanczosResult,
+    Which,
+    check_v0_mix,
+    check_which,
+    default_ncv,
+    lanczos_eigsh,
+)
 from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
 from flatness.objective import check_options
 from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
@@ -239,6 +246,7 @@ def hessian_topk(
     ncv: int | None = None,
     seed: int = 0,
     v0: Any = None,
+    v0_mix: float = 0.3,
     curvature: Curvature = "hessian",
     blocks: Blocks = None,
     basis_device: torch.device | str | None = None,
@@ -278,7 +286,12 @@ def hessian_topk(
         ncv: Lanczos basis size m (k < m ≤ n; default as above).
         seed: seed of the starting vector.
         v0: a starting vector instead (flat, or a dict like ``named_parameters()``), e.g. the
-            previous eigenvector when λ₁ is tracked during training.
+            previous eigenvector when λ₁ is tracked during training; ``v0_mix`` times a seeded
+            standard Gaussian vector is added to the unit v0.
+        v0_mix: weight of that random part (default 0.3; 0 starts from v0 exactly): every
+            eigendirection starts with weight ≈ ``v0_mix`` against v0's 1, so a new top
+            eigenvector orthogonal to v0 (an eigenvalue crossing) is still found (see
+            :func:`flatness.lanczos_eigsh` and the "monitor" page of the docs for measured rates).
         curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``
             (see :mod:`flatness.operators`; the Fisher takes ``mc_samples``, ``likelihood``,
             ``mc_seed`` among the options).
@@ -291,8 +304,8 @@ def hessian_topk(
         keep_products: store the products A V to confirm residuals without extra products
             (``True``, ``False``, or ``"auto"``: when they take ≤ 256 MiB).
         min_steps: products before any pair may be accepted (default min(ncv, 11) for k = 1,
-            ncv for k > 1); raise it (e.g. to 20) when tracking λ₁ from a warm ``v0``, or for
-            top eigenvalues only a few ``tol`` apart (see :func:`flatness.algorithms.lanczos.default_min_steps`).
+            ncv for k > 1); raise it (e.g. to 20) for top eigenvalues only a few ``tol`` apart,
+            or for a warm ``v0`` with a smaller ``v0_mix`` or ``ncv`` (see :func:`flatness.algorithms.lanczos.default_min_steps`).
         progress: ``True``, a callable ``(step, total, info)``, or False.
         **options: forwarded to :class:`flatness.Objective` (params, reduction, dtype, train,
             batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed,
@@ -304,13 +317,14 @@ def hessian_topk(
     Raises:
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
             or ``curvature``, bad ``max_hvp`` / ``ncv`` / ``v0`` / ``blocks`` / ``basis_device`` /
-            ``keep_products`` / ``min_steps`` and the objective's own checks.
+            ``keep_products`` / ``min_steps`` / ``v0_mix`` and the objective's own checks.
     """
     _check(hessian_topk, curvature, options)
     check_which(which)
     check_positive("tol", tol)
     check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
     check_positive("k", k, integer=True)
+    check_v0_mix(v0_mix)
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
 
@@ -327,6 +341,7 @@ def hessian_topk(
                     ncv=ncv,
                     max_matvec=max_hvp,
                     v0=_start(o, v0) if blocks is None else None,
+                    v0_mix=v0_mix,
                     seed=seed,
                     basis_device=basis_device,
                     keep_products=keep_products,
