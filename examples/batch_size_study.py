@@ -20,8 +20,8 @@ test error minus the training error, in percentage points (their definition, wit
 over all models, and conditioned on one varied factor at a time (their granulated τ), with
 bootstrap intervals. The report (Markdown + PNG figures + results.json) goes to ``--out``.
 
-    python examples/batch_size_study.py --out study-report            # about 5 CPU-minutes
-    python examples/batch_size_study.py --out study-report --quick    # under a minute
+    python examples/batch_size_study.py --out study-report            # about 8 CPU-minutes
+    python examples/batch_size_study.py --out study-report --quick    # about 70 CPU-seconds
     python examples/batch_size_study.py --out study-report --device cuda
 """
 
@@ -286,16 +286,24 @@ def _entry(tau: float, samples: np.ndarray, n_models: int, n_groups: int | None 
     return entry
 
 
-def overall_tau(runs: list[dict], key: str, rng: np.random.Generator, n_boot: int) -> dict[str, Any]:
+def overall_tau(
+    runs: list[dict], key: str, rng: np.random.Generator, n_boot: int, target: str = GAP
+) -> dict[str, Any]:
     """τ over all models; interval: bootstrap over models, percentile 95 %."""
     m = np.array([r[key] for r in runs], dtype=float)
-    g = np.array([r[GAP] for r in runs], dtype=float)
+    g = np.array([r[target] for r in runs], dtype=float)
     i = rng.integers(0, len(m), (n_boot, len(m)))
     return _entry(kendall(m, g), kendall_many(m[i], g[i]), len(m))
 
 
 def granulated_tau(
-    runs: list[dict], key: str, factor: str, others: tuple[str, ...], rng: np.random.Generator, n_boot: int
+    runs: list[dict],
+    key: str,
+    factor: str,
+    others: tuple[str, ...],
+    rng: np.random.Generator,
+    n_boot: int,
+    target: str = GAP,
 ) -> dict[str, Any]:
     """Jiang et al.'s ψ for ``factor``: the mean, over the settings of the ``others``, of τ over the
     models that differ only in ``factor``. Interval: a two-level bootstrap (resample the groups,
@@ -304,7 +312,7 @@ def granulated_tau(
     for r in runs:
         groups[tuple(r[o] for o in others)].append(r)
     pairs = [
-        (np.array([r[key] for r in rs], dtype=float), np.array([r[GAP] for r in rs], dtype=float))
+        (np.array([r[key] for r in rs], dtype=float), np.array([r[target] for r in rs], dtype=float))
         for rs in groups.values()
         if len(rs) > 1
     ]
@@ -352,6 +360,20 @@ def correlations(runs: list[dict], cfg: Config) -> dict[str, Any]:
         cell = [r for r in runs if r["arch"] == arch and r["protocol"] == protocol]
         out["batch_size_by_cell"][f"{arch}/{protocol}"] = {
             k: granulated_tau(cell, k, "batch_size", ("seed",), rng, cfg.bootstrap) for k in keys
+        }
+    # Keskar et al.'s "generalize worse" is also read as a lower test accuracy: the same τ against the
+    # test error (not the gap), which differs from the gap wherever training is unfinished.
+    for r in runs:
+        r.setdefault("test_error_pct", 100 - r["test_acc_pct"])
+    out["test_error_overall"] = {
+        k: overall_tau(runs, k, rng, cfg.bootstrap, target="test_error_pct") for k in keys
+    }
+    out["test_error_batch_size_by_cell"] = {}
+    for arch, protocol in itertools.product(cfg.archs, cfg.protocols):
+        cell = [r for r in runs if r["arch"] == arch and r["protocol"] == protocol]
+        out["test_error_batch_size_by_cell"][f"{arch}/{protocol}"] = {
+            k: granulated_tau(cell, k, "batch_size", ("seed",), rng, cfg.bootstrap, target="test_error_pct")
+            for k in keys
         }
     return out
 
@@ -568,6 +590,23 @@ def write_report(
         lines.append(
             f"| {label(k)} | "
             + " | ".join(f"{tau_cell(c[k])} {verdict(c[k])}" for c in corr["batch_size_by_cell"].values())
+            + " |"
+        )
+    lines += [
+        "",
+        "### Against the test error instead of the gap",
+        "",
+        'Keskar et al.\'s "generalize worse" is also read as a lower test accuracy. The test error '
+        "(100 − test accuracy, in points) is not the gap: a model stopped early has a high test error and a "
+        "small gap. The same statistics against the test error:",
+        "",
+        "| measure | overall τ | " + " | ".join(corr["test_error_batch_size_by_cell"]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in corr["test_error_batch_size_by_cell"]) + " |",
+    ]
+    for k in keys:
+        lines.append(
+            f"| {label(k)} | {tau_cell(corr['test_error_overall'][k])} | "
+            + " | ".join(tau_cell(c[k]) for c in corr["test_error_batch_size_by_cell"].values())
             + " |"
         )
     lines += [
@@ -866,6 +905,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> dict[str, 
             "test_loss": te_loss,
             "train_acc_pct": 100 * tr_acc,
             "test_acc_pct": 100 * te_acc,
+            "test_error_pct": 100 * (1 - te_acc),
             GAP: 100 * (tr_acc - te_acc),
             "train_seconds": time.perf_counter() - t0,
         }
