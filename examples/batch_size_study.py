@@ -641,7 +641,7 @@ def write_report(
     lines += [
         "## Caveats",
         "",
-        "- Scale: 1,437 training images of 8×8 pixels, networks of 2k–26k parameters, 360 test images. "
+        "- Scale: 1,437 training images of 8×8 pixels, networks of 6,090 and 26,122 parameters, 360 test images. "
         "Differences in test accuracy below about 1 point (3–4 images) are within the seed spread here; the "
         "correlations say how the measures rank *these* models, not Keskar's or Jiang's networks.",
         "- Keskar's φ is not invariant to reparametrization (Dinh et al., 2017): rescaling the layers of a ReLU "
@@ -652,7 +652,11 @@ def write_report(
         "- Machine dependence: training is deterministic on one machine, but float rounding differs "
         "across CPUs, BLAS builds and thread counts, so a rerun elsewhere gives other numbers (the sign "
         "and rough size of the correlations, not their digits, are the finding).",
-        f"- Measuring one model took {lo:.1f}–{hi:.1f} s here (all measures).",
+        "- Average sharpness is an expected loss change under random noise: at a point that is not a minimum "
+        "(an unfinished equal-epochs run) it can be negative, and it is then no sharpness at all. Runs with a "
+        f"negative value here: {sum(r['average'] < 0 for r in runs)} of {n}.",
+        f"- Measuring one model took {lo:.1f}–{hi:.1f} s of wall time here (all measures; the CPU time is "
+        "lower on a machine that is not shared).",
         "",
         "Raw numbers for every run, the correlations and the environment: `results.json`.",
     ]
