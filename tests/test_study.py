@@ -140,6 +140,9 @@ def test_small_sweep_end_to_end(study, tmp_path):
     entries = [*corr["overall"].values()]
     entries += [e for f in corr["granulated"].values() for e in f.values()]
     entries += [e for c in corr["batch_size_by_cell"].values() for e in c.values()]
+    entries += [*corr["test_error_overall"].values()]
+    entries += [e for c in corr["test_error_batch_size_by_cell"].values() for e in c.values()]
+    assert all(r["test_error_pct"] == pytest.approx(100 - r["test_acc_pct"]) for r in runs)
     assert set(corr["overall"]) == {*study.MEASURES, *study.REFERENCES}
     assert set(corr["batch_size_by_cell"]) == {"mlp/epochs", "mlp/loss", "cnn/epochs", "cnn/loss"}
     for e in entries:
