@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from conftest import (
     split,
 )
 from flatness import NoSecondDerivativeError, Objective
+from flatness._fd import NonSmoothWarning
 from test_objective import CASES as CASES_FOR_FD
 
 F = nn.functional
@@ -48,7 +50,7 @@ def test_fd_hvp_matches_dense_hessian_float64(case):
     for scale in (1.0, 1e-3, 1e4):  # the step is along v/‖v‖: any ‖v‖ gives the same accuracy
         v = scale * torch.randn(obj.n, generator=gen, dtype=torch.float64)
         assert rel(obj.hvp(v), hess @ v) < 1e-8
-    assert obj.n_hvp == 3 and obj.n_grad == 0
+    assert obj.n_hvp == 3 and obj.n_grad == 1  # the non-smoothness guard's ∇L(θ), once per θ
     assert torch.equal(
         obj.hvp(torch.zeros(obj.n, dtype=torch.float64)), torch.zeros(obj.n, dtype=torch.float64)
     )
@@ -269,3 +271,88 @@ def test_fd_error_bound_holds_in_float32():
             eps * float(grad.norm()) / h + eps ** (2 / 3) * float(torch.linalg.matrix_norm(hess, 2))
         )
         assert err < bound
+
+
+# ---------------------------------------------------------------------------- non-smooth models
+def _act_mlp(act, dtype, width=32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)).to(
+        dtype
+    )
+
+
+NON_SMOOTH = r"gradient jumps.*not smooth \(ReLU, max-pooling.*hvp_mode='reverse'"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_guard_warns_on_relu_networks(dtype):
+    """ReLU: a kink inside the step adds J/2h to the product; every FD function warns, once.
+
+    In float64 (h ≈ 6e-6) random vectors rarely cross a kink, but Lanczos vectors do (see
+    docs/large-models.md).
+    """
+    model = _act_mlp(nn.ReLU, dtype, width=64)
+    x, y = classification_data(256, d=8, dtype=dtype)
+    data = split(x, y, [128, 128])
+    before = snapshot(model)
+    with pytest.warns(NonSmoothWarning, match=NON_SMOOTH) as record:
+        top = flatness.hessian_topk(
+            model, F.cross_entropy, data, k=1, hvp_mode="finite_difference", max_hvp=60
+        )
+    assert sum(issubclass(w.category, NonSmoothWarning) for w in record) == 1
+    assert_untouched(model, before)
+    # The warning is warranted: λ₁ from finite differences is far from the exact one.
+    exact = flatness.hessian_topk(model, F.cross_entropy, data, k=1, hvp_mode="reverse").eigenvalues[0]
+    assert abs(float(top.eigenvalues[0]) - float(exact)) > 0.05 * abs(float(exact))
+    if dtype == torch.float32:  # random probes already cross kinks at h ≈ 5e-3
+        with pytest.warns(NonSmoothWarning, match=NON_SMOOTH):
+            flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=8, hvp_mode="finite_difference")
+        with pytest.warns(NonSmoothWarning, match=NON_SMOOTH):
+            flatness.hessian_density(model, F.cross_entropy, data, n_steps=8, hvp_mode="finite_difference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU, nn.SiLU])
+def test_fd_guard_is_silent_on_smooth_networks(act, dtype):
+    model = _act_mlp(act, dtype)
+    x, y = classification_data(64, d=8, dtype=dtype)
+    data = split(x, y, [32, 32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSmoothWarning)
+        top = flatness.hessian_topk(model, F.cross_entropy, data, k=5, tol=1e-4, hvp_mode="finite_difference")
+        flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=12, hvp_mode="finite_difference")
+        flatness.hessian_density(model, F.cross_entropy, data, n_steps=12, hvp_mode="finite_difference")
+    assert top.converged
+    # The guard did look, and found ratios far below its threshold (~ε^(1/3) on smooth losses).
+    obj = Objective(model, F.cross_entropy, data, hvp_mode="finite_difference")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        obj.hvp(torch.randn(obj.n, generator=gen, dtype=dtype))
+    guard = obj._kinks
+    assert guard.n_checked == 4 and not guard.warned
+    eps = torch.finfo(dtype).eps
+    assert guard.worst < 2 * eps ** (1 / 3) < guard.tol / 5
+
+
+def test_fd_guard_costs_one_gradient_per_theta_and_leaves_products_unchanged():
+    model = _act_mlp(nn.Tanh, torch.float64)
+    x, y = classification_data(20, d=8)
+    obj = Objective(model, F.cross_entropy, split(x, y, [7, 13]), hvp_mode="finite_difference")
+    gen = torch.Generator().manual_seed(0)
+    vs = [torch.randn(obj.n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    products = [obj.hvp(v) for v in vs]
+    assert (obj.n_hvp, obj.n_grad, obj.n_passes) == (3, 1, 4)  # ∇L(θ₀) once, kept
+    # The products are the central differences themselves.
+    h = obj.fd_step()
+    for v, hv in zip(vs, products, strict=True):
+        c = h / float(v.norm())
+        manual = (obj.grad(obj.theta0 + c * v) - obj.grad(obj.theta0 - c * v)) * (float(v.norm()) / (2 * h))
+        assert rel(hv, manual) < 1e-9
+    # Another θ: its own gradient, once; back at θ₀ (an equal tensor): computed again.
+    theta = obj.theta0 + 1e-3
+    grads = obj.n_grad
+    obj.hvp(vs[0], theta)
+    obj.hvp(vs[1], theta.clone())
+    assert obj.n_grad == grads + 1
+    obj.hvp(vs[0])
+    assert obj.n_grad == grads + 2

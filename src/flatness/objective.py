@@ -33,16 +33,18 @@ from torch.nn.utils.stateless import _reparametrize_module  # what functional_ca
 from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch, tensors_of
 from flatness._fd import (
+    KinkGuard,
     NoSecondDerivativeError,
     _is_reentrant_checkpoint,
     check_second_derivatives,
     explain,
     fd_step,
+    forward_ad_unsupported,
     same_randomness,
 )
 from flatness._guard import model_guard, seed_everything
 from flatness._params import ParamLayout, ParamSpec, alias_map, select_params, unwrap
-from flatness._validate import check_choice, check_seed
+from flatness._validate import check_choice, check_loss_reduction, check_seed
 from flatness._validate import check_options as _check_options
 
 __all__ = ["NoSecondDerivativeError", "NonFiniteLossError", "Objective", "ParamSpec", "check_options"]
@@ -247,6 +249,7 @@ class Objective:
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
         check_choice("reduction", reduction, ("mean", "sum"))
+        check_loss_reduction(loss_fn, reduction)
         check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -329,6 +332,10 @@ class Objective:
         # the MLP; forward-over-reverse 2.9-3.3x and 6.4-8.7x (torch 2.13, CPU).
         self._forward = hvp_mode == "forward"
         self._fd = hvp_mode == "finite_difference"
+        # Finite differences: warns where the gradient jumps inside the step (ReLU, max-pooling).
+        self._kinks = KinkGuard(
+            lambda t: float(torch.linalg.vector_norm(t, dtype=torch.float64)), self._compute_eps()
+        )
         # Reentrant checkpointing forbids torch.autograd.grad: gradients then come from
         # loss.backward() into our leaf (found on the first gradient, remembered).
         self._reentrant = False
@@ -447,7 +454,7 @@ class Objective:
     # ------------------------------------------------------------------ passes
     def _pass(
         self,
-        per_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]],
+        per_batch: Callable[[Any], tuple[torch.Tensor, Any]],
         what: str,
         extra_numel: int | None,
         check_finite: bool = True,
@@ -455,7 +462,8 @@ class Objective:
         """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass, reduced over ranks.
 
         ``per_batch(batch)`` returns the batch's scalar loss and a flat ``extra`` tensor of
-        ``extra_numel`` numbers (gradient, HVP, per-point losses...) or None. With
+        ``extra_numel`` numbers (gradient, HVP, per-point losses...), a tuple of tensors summed
+        side by side (their sizes adding up to ``extra_numel``), or None. With
         ``check_finite=False`` non-finite values pass through (landscape grids keep NaN).
         The sums accumulate in ``self.acc_dtype`` (at least float32: a bfloat16 sum of a few
         hundred batch losses is off by percents) and are returned in it.
@@ -484,7 +492,15 @@ class Objective:
                     total_loss = total_loss + w * loss.to(acc)
                     if total_extra is not None and extra is not None:
                         # NaN and ±inf survive the sum, so one check of the total suffices.
-                        total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=w)
+                        if isinstance(extra, tuple):  # parts summed side by side
+                            start = 0
+                            for part in extra:
+                                part = part.detach().reshape(-1)
+                                end = start + part.numel()
+                                total_extra[start:end].add_(part.to(acc), alpha=w)
+                                start = end
+                        else:
+                            total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=w)
                     total_size += size
             finally:
                 self.data.restore_generators(saved)
@@ -654,11 +670,35 @@ class Objective:
                 torch.add(theta, v, alpha=-c, out=point)
                 _, g_minus = self._batch_grad(point, batch)
             g_plus.sub_(g_minus)
-            return loss, g_plus
+            if not guard:
+                return loss, g_plus
+            # g₊ + g₋ = 2 g₋ + (g₊ − g₋), for the guard's second difference.
+            return loss, (g_plus, g_minus.mul_(2.0).add_(g_plus))
 
-        diff = self._pass(per_batch, "finite-difference Hessian-vector product", extra_numel=self.n)[1]
-        assert diff is not None
-        return diff.mul_(vnorm / (2.0 * h))
+        # The non-smoothness guard (flatness._fd.KinkGuard) until it has warned: ∇L(θ) once per θ.
+        kinks = self._kinks
+        guard = not kinks.warned
+        g0 = kinks.base_gradient(theta, self._acc_grad) if guard else None
+        what = "finite-difference Hessian-vector product"
+        total = self._pass(per_batch, what, extra_numel=2 * self.n if guard else self.n)[1]
+        assert total is not None
+        if g0 is None:
+            return total.mul_(vnorm / (2.0 * h))
+        diff, second = total[: self.n], total[self.n :].sub_(g0, alpha=2.0)
+        kinks.check(second, diff)
+        return diff.mul(vnorm / (2.0 * h))  # a vector of its own, not a view of the 2n sums
+
+    def _acc_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """∇L(θ) over one full pass, in the accumulation dtype (counted in ``n_grad``)."""
+        theta = theta.detach()
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._batch_grad(theta, batch)
+
+        self.n_grad += 1
+        grad = self._pass(per_batch, "gradient", extra_numel=self.n)[1]
+        assert grad is not None
+        return grad
 
     # ------------------------------------------------------------------ kept gradient graphs
     @contextlib.contextmanager
@@ -793,7 +833,11 @@ class Objective:
                     with _math_attention():
                         (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
                 except (RuntimeError, NotImplementedError) as e:
-                    raise _ForwardADFailed(e) from e
+                    # Only torch's "forward AD is not implemented here"; the model's own errors,
+                    # out-of-memory included, propagate unchanged.
+                    if forward_ad_unsupported(e):
+                        raise _ForwardADFailed(e) from e
+                    raise
                 return loss, hv
 
         else:
@@ -814,7 +858,8 @@ class Objective:
             hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
         except _ForwardADFailed as e:
             # Forward-mode AD is missing or broken for some ops (torch 2.13: F.mse_loss under
-            # jvp(grad) raises "ZeroTensors are immutable"). Double backward is exact too.
+            # jvp(grad) raises "ZeroTensors are immutable"; see FORWARD_AD_GAPS). Double
+            # backward is exact too.
             self._forward = False
             warnings.warn(
                 f"hvp_mode='forward': forward-mode AD fails on this model and loss "
