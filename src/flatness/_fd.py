@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -205,8 +206,16 @@ def forward_ad_unsupported(err: BaseException) -> bool:
     return any(key in text for key in FORWARD_AD_GAPS)
 
 
+#: torch's words for an op without a double-backward derivative ("derivative for aten::X is not
+#: implemented", "the derivative for 'X' is not implemented.") and for a custom Function whose
+#: backward is @once_differentiable; only these (not the user's own errors) are explained.
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (aten::\S+|'[^']*') is not implemented")
+_ONCE_DIFFERENTIABLE = "trying to differentiate twice a function that was marked with @once_differentiable"
+_REENTRANT = "When use_reentrant=True, torch.utils.checkpoint is incompatible"
+
+
 def _is_reentrant_checkpoint(err: BaseException) -> bool:
-    return "use_reentrant=True" in str(err) and "checkpoint" in str(err)
+    return isinstance(err, RuntimeError) and _REENTRANT in str(err)
 
 
 def explain(err: BaseException, mode: str) -> NoSecondDerivativeError | None:
@@ -221,13 +230,12 @@ def explain(err: BaseException, mode: str) -> NoSecondDerivativeError | None:
             f"torch.autograd.grad nor second derivatives; {FD_HINT}, or checkpoint with "
             f"use_reentrant=False. (torch: {text.splitlines()[0]})"
         )
-    lowered = text.lower()
     if mode == "forward" and forward_ad_unsupported(err):
         return NoSecondDerivativeError(
             "hvp_mode: forward-mode AD (hvp_mode='forward') is not implemented for an op of this "
             f"model; use hvp_mode='reverse', or {FD_HINT}. (torch: {text.splitlines()[0]})"
         )
-    if ("derivative for" in lowered and "not implemented" in lowered) or "once_differentiable" in lowered:
+    if _NO_DOUBLE_BACKWARD.search(text) or _ONCE_DIFFERENTIABLE in text:
         return NoSecondDerivativeError(
             "hvp_mode: an op of this model has no second derivative (double backward), so exact "
             f"Hessian-vector products are impossible; {FD_HINT}. (torch: {text.splitlines()[0]})"
