@@ -356,3 +356,59 @@ def test_fd_guard_costs_one_gradient_per_theta_and_leaves_products_unchanged():
     assert obj.n_grad == grads + 1
     obj.hvp(vs[0])
     assert obj.n_grad == grads + 2
+
+
+def _fsdp_guard_worker(rank, port, tmp, act_name):
+    import os
+    import warnings as _warnings
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[act_name]
+        model = _act_mlp(act, torch.float32, width=64)
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x, y = classification_data(128, d=8, dtype=torch.float32, seed=rank)
+        with _warnings.catch_warnings(record=True) as record:
+            _warnings.simplefilter("always")
+            trace = flatness.hessian_trace(model, F.cross_entropy, split(x, y, [64, 64]), n_hvp=8)
+        warned = [str(w.message) for w in record if issubclass(w.category, NonSmoothWarning)]
+        torch.save({"warned": warned, "trace": float(trace.estimate)}, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fd_guard_on_fsdp_models(tmp_path):
+    """FSDP models use finite differences by default: the guard runs there too, on every rank."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    for act in ("relu", "tanh"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_fsdp_guard_worker, args=(port, str(tmp_path), act), nprocs=2, join=True)
+        ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+        assert ranks[0]["trace"] == ranks[1]["trace"]
+        if act == "relu":
+            for r in ranks:
+                assert len(r["warned"]) == 1
+                assert (
+                    "not smooth (ReLU" in r["warned"][0]
+                    and "unsharded model with hvp_mode='reverse'" in r["warned"][0]
+                )
+        else:
+            assert ranks[0]["warned"] == ranks[1]["warned"] == []
