@@ -22,8 +22,7 @@ from conftest import (
     snapshot,
     split,
 )
-from flatness import NoSecondDerivativeError, Objective
-from flatness._fd import NonSmoothWarning
+from flatness import NonSmoothWarning, NoSecondDerivativeError, Objective
 from test_objective import CASES as CASES_FOR_FD
 
 F = nn.functional

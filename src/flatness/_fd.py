@@ -91,7 +91,14 @@ def kink_tol(eps: float) -> float:
 
 
 class NonSmoothWarning(RuntimeWarning):
-    """Finite-difference products of a model whose gradient jumps (ReLU, max-pooling...)."""
+    """Finite-difference products of a model whose gradient jumps (ReLU, max-pooling...).
+
+    Issued once per objective by ``hvp_mode="finite_difference"`` (and on FSDP models, where it
+    is the default) when ‖∇L(θ+hv̂) + ∇L(θ−hv̂) − 2∇L(θ)‖ > τ ‖∇L(θ+hv̂) − ∇L(θ−hv̂)‖, τ =
+    max(0.05, 10 ε^(1/3)) (see :class:`KinkGuard`): the products, and the eigenvalues, traces and
+    densities built on them, may be wrong by about that ratio or more. Turn it into an error
+    with ``warnings.simplefilter("error", flatness.NonSmoothWarning)``.
+    """
 
 
 class KinkGuard:
