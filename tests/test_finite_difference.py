@@ -411,3 +411,23 @@ def test_fd_guard_on_fsdp_models(tmp_path):
                 )
         else:
             assert ranks[0]["warned"] == ranks[1]["warned"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_guard_is_not_fooled_by_a_symmetry_of_the_loss(dtype):
+    """Shifting all logits (the last bias along ones) leaves the loss unchanged: H v = 0, and the
+    product is rounding noise, whose second difference is noise of the same size. Not a jump."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3)).to(dtype)
+    x, y = classification_data(64, d=8, dtype=dtype)
+    v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=dtype)
+    v[-3:] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSmoothWarning)
+        for first in (None, torch.randn(v.shape, dtype=dtype)):
+            obj = Objective(model, F.cross_entropy, split(x, y, [32, 32]), hvp_mode="finite_difference")
+            if first is not None:
+                obj.hvp(first)
+            hv = obj.hvp(v)
+            assert float(hv.norm()) < 1e-4 * float(obj.hvp(torch.ones_like(v)).norm())
+            assert obj._kinks.worst < obj._kinks.tol / 10

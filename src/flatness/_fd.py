@@ -105,7 +105,9 @@ class KinkGuard:
     """Detects gradient jumps inside the finite-difference step h (non-smooth models).
 
     Per product, compares the second difference s = g₊ + g₋ − 2 g₀ with the first difference
-    g₊ − g₋ (g± the gradients at θ ± h v̂, g₀ the gradient at θ): ‖s‖/‖g₊ − g₋‖ is ~(h/2)
+    g₊ − g₋ (g± the gradients at θ ± h v̂, g₀ the gradient at θ; the largest ‖g₊ − g₋‖ seen at
+    this θ, so that a vector with H v ≈ 0 is not judged by its rounding noise; and ‖s‖ less the
+    gradients' rounding, 16 ε ‖g₀‖): the ratio is ~(h/2)
     ‖∇³L[v̂, v̂, ·]‖/‖H v̂‖ on a smooth loss and about the product's relative error where the
     gradient jumps. Above τ = :func:`kink_tol` (ε) it warns (once per guard). Cost: g₀, one gradient
     pass per θ (kept, one vector); the products themselves are unchanged.
@@ -118,11 +120,14 @@ class KinkGuard:
 
     def __init__(self, norm: Callable[[torch.Tensor], float], eps: float, *, sharded: bool = False) -> None:
         self._norm = norm
+        self._eps = eps
+        self._noise = 0.0
         self.tol = kink_tol(eps)
         self._sharded = sharded
         self._theta: torch.Tensor | None = None
         self._version = -1
         self._g0: torch.Tensor | None = None
+        self._scale = 0.0
         self.worst = 0.0
         self.n_checked = 0
         self.warned = False
@@ -141,6 +146,9 @@ class KinkGuard:
             self._g0 = None  # free the old one first
             self._g0 = grad(theta).detach()
             self._theta, self._version = theta, theta._version
+            self._scale = 0.0
+            # Rounding of the gradients (~ε‖∇L‖ each, four of them in s) is not a jump.
+            self._noise = 16.0 * self._eps * self._norm(self._g0)
         return self._g0
 
     def check(self, second: torch.Tensor, diff: torch.Tensor) -> None:
@@ -148,10 +156,14 @@ class KinkGuard:
         self.n_checked += 1
         d = self._norm(diff)
         s = self._norm(second)
-        if d == 0.0:
+        # Relative to the largest product seen at this θ (a lower bound of ‖H‖ · 2h): a vector
+        # with H v ≈ 0 (a symmetry of the loss) has a difference of pure rounding noise.
+        self._scale = max(self._scale, d)
+        s = max(0.0, s - self._noise)
+        if self._scale == 0.0:
             ratio = 0.0 if s == 0.0 else math.inf
         else:
-            ratio = s / d
+            ratio = s / self._scale
         self.worst = max(self.worst, ratio)
         if ratio > self.tol and not self.warned:
             self.warned = True
@@ -164,10 +176,12 @@ class KinkGuard:
             )
             warnings.warn(
                 "hvp_mode='finite_difference': the gradient jumps inside the finite-difference "
-                f"step (‖∇L(θ+hv̂) + ∇L(θ−hv̂) − 2∇L(θ)‖ is {ratio:.2g} of ‖∇L(θ+hv̂) − "
-                f"∇L(θ−hv̂)‖; a smooth loss gives ~ε^(1/3), below {self.tol:.2g}): the model is not "
-                "smooth (ReLU, max-pooling, abs, clamp...), so these products, and the eigenvalues, "
-                f"traces and densities built on them, can be wrong by about that fraction or more; {fix}",
+                f"step (‖∇L(θ+hv̂) + ∇L(θ−hv̂) − 2∇L(θ)‖ is {ratio:.2g} times the largest "
+                f"‖∇L(θ+hv̂) − ∇L(θ−hv̂)‖ at this θ; a smooth loss gives ~ε^(1/3), below "
+                f"{self.tol:.2g}): the model is not "
+                "smooth (ReLU, max-pooling, abs, clamp...) or its gradient is not reproducible "
+                "(nondeterministic kernels), so these products, and the eigenvalues, traces and "
+                f"densities built on them, can be wrong by about that fraction or more; {fix}",
                 NonSmoothWarning,
                 stacklevel=4,
             )
