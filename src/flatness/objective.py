@@ -191,7 +191,9 @@ class Objective:
             h = ε^(1/3) · max(1, ‖θ‖/√n) (:meth:`fd_step`), two gradient passes and no second
             derivatives, for models whose ops have none (custom ``autograd.Function`` s,
             reentrant checkpointing); relative error about ε^(2/3) on smooth losses (see
-            :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps).
+            :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps:
+            :class:`flatness.NonSmoothWarning` says so when a step crosses a kink, at the cost
+            of one gradient pass per θ).
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
             batches and random augmentations are the same in every pass.
         reuse_graph: inside :meth:`reusing_graph` (which the spectrum functions use), keep the
@@ -209,9 +211,15 @@ class Objective:
     Raises:
         TypeError, ValueError: with the argument named, for bad input (``data`` for empty
             batches, data of another floating dtype than the model's, or passes that differ;
-            ``model`` for a model without parameters). Errors raised by the model or the loss
+            ``model`` for a model without parameters; ``loss_fn`` for a loss module whose
+            ``reduction`` contradicts ``reduction``). Errors raised by the model or the loss
             function themselves propagate unchanged.
         NonFiniteLossError: a loss, gradient or HVP that is not finite (naming the batch).
+
+    Warns:
+        NonSmoothWarning: finite-difference products whose gradient jumps inside the step.
+        RuntimeWarning: ``hvp_mode="forward"`` where torch has no forward-mode derivative for an
+            op of the model (the products are then computed by double backward).
     """
 
     def __init__(
