@@ -674,3 +674,25 @@ def test_out_of_range_seeds_are_named(seed):
     # The largest accepted seed works.
     flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=6, seed=2**63 - 1)
     flatness.landscape_1d(model, F.cross_entropy, data, alphas=[0.0, 1.0], seed=np.int64(2**63 - 1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse", "forward", "finite_difference"])
+def test_loss_linear_in_theta_has_zero_hessian(mode):
+    """A gradient that does not depend on θ has no graph: H = 0 (was a raw autograd error)."""
+    import flatness
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, _ = classification_data(8, d=4)
+    data = (x, torch.zeros(8, dtype=torch.float64))
+
+    def linear(out, _target):
+        return out.mean()
+
+    obj = Objective(model, linear, data, hvp_mode=mode)
+    assert torch.equal(
+        obj.hvp(torch.ones(obj.n, dtype=torch.float64)), torch.zeros(obj.n, dtype=torch.float64)
+    )
+    top = flatness.hessian_topk(model, linear, data, k=1, hvp_mode=mode)
+    assert float(top.eigenvalues[0]) == 0.0
+    assert float(flatness.hessian_trace(model, linear, data, n_hvp=6, hvp_mode=mode).estimate) == 0.0

@@ -79,8 +79,10 @@ def fd_step(theta_norm: float, n: int, eps: float) -> float:
 #: A finite-difference product warns when ‖s‖ > τ ‖∇L(θ + h v̂) − ∇L(θ − h v̂)‖ (see the module
 #: docstring), τ = max(KINK_TOL, KINK_SMOOTH · ε^(1/3)): an estimated relative error above 5 %, and
 #: 10 ε^(1/3), about 5× the largest ratio measured on the smooth networks of benchmarks/bench_fd.py
-#: (1.1 ε^(1/3) in float32, 1.4 ε^(1/3) in float64, 1.8 ε^(1/3) in bfloat16). In bfloat16 τ ≈ 2: there the step is too large
-#: (h ≈ 0.2) to tell a kink from curvature, and only jumps twice the product's size are reported.
+#: (1.1 ε^(1/3) in float32, 1.4 ε^(1/3) in float64, 1.8 ε^(1/3) in bfloat16). In bfloat16 τ ≈ 2:
+#: there the step is too large (h ≈ 0.2) to tell a kink from curvature, and only jumps twice the
+#: product's size are reported. ‖s‖ is first reduced by 16 ε ‖∇L(θ)‖ (the gradients' rounding)
+#: and the ratio taken against the largest difference seen at this θ (see KinkGuard).
 KINK_TOL = 0.05
 KINK_SMOOTH = 10.0
 

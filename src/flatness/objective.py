@@ -765,7 +765,7 @@ class Objective:
                 if check:
                     check_second_derivatives(loss)
                 (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-                (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=keep)
+                hv = _second(g, leaf, v, retain_graph=keep)
                 if keep and budget is not None:
                     used[0] += graph_bytes(g, held)
                     if used[0] > budget:
@@ -807,7 +807,7 @@ class Objective:
         with model_guard(self.model), torch.enable_grad(), self.at(kept.leaf):
             self.model.train(self.train)
             for i, (w, _loss, g) in enumerate(kept.entries):
-                (hv,) = torch.autograd.grad(g, kept.leaf, grad_outputs=v, retain_graph=True)
+                hv = _second(g, kept.leaf, v, retain_graph=True)
                 hv = hv.reshape(-1).to(acc)
                 if i == 0 and hv.is_contiguous() and not _shares(hv, v):
                     total = hv.mul_(w)  # = 0 + w·hv, bitwise, without a second vector
@@ -858,7 +858,7 @@ class Objective:
                     if check:
                         check_second_derivatives(loss)
                     (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-                    (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v)
+                    hv = _second(g, leaf, v)
                 return loss, hv
 
         self.n_hvp += 1
@@ -913,6 +913,19 @@ class Objective:
         from flatness.landscape.evaluate import evaluate_many
 
         return evaluate_many(self, thetas, **options)
+
+
+def _second(
+    g: torch.Tensor, leaf: torch.Tensor, v: torch.Tensor, *, retain_graph: bool = False
+) -> torch.Tensor:
+    """∇(gᵀv) with respect to ``leaf``: H v from a gradient g taken with ``create_graph=True``.
+
+    A gradient that does not depend on θ (a loss linear in θ) has no graph: H v = 0.
+    """
+    if not g.requires_grad:
+        return torch.zeros_like(leaf)
+    (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(leaf) if hv is None else hv
 
 
 #: with ``reuse_graph="auto"``, graphs are kept for at most this many batches.
