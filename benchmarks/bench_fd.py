@@ -10,6 +10,9 @@ dtype, the model's weights are rounded to the dtype and the reference is the exa
 1e-10 and the products H v. Printed: the relative error of ``hvp_mode="finite_difference"``
 products and top-5 eigenvalues, and for comparison the exact double-backward mode run in the
 same dtype (Lanczos tol 1e-8 / 1e-4 / 1e-2 for float64 / float32 / bfloat16, at most 150 products).
+For the finite-difference rows also the non-smoothness guard (flatness._fd.KinkGuard): its
+threshold τ, its largest ratio ‖g₊ + g₋ − 2g₀‖/‖g₊ − g₋‖ over the three products and over the
+top-5 run's products (until it warns), and whether it warned there (after how many products).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import small_mlp_problem
 
 import flatness
+from flatness._fd import KinkGuard, NonSmoothWarning
 
 F = nn.functional
 
@@ -127,9 +132,33 @@ def measure(name, model, loss_fn, batches, dtypes=tuple(DTYPES)):
         for mode in ("finite_difference", "reverse"):
             obj = flatness.Objective(m, loss_fn, data, hvp_mode=mode)
             err = max(rel(obj.hvp(v.to(dtype)), e) for v, e in zip(vs, exact, strict=True))
-            top = flatness.hessian_topk(m, loss_fn, data, k=5, tol=tol, hvp_mode=mode, max_hvp=150)
+            run = {"worst": 0.0, "warned_at": None, "products": 0}
+            original = KinkGuard.check
+
+            def check(self, second, diff, run=run, original=original):
+                original(self, second, diff)
+                run["products"] += 1
+                run["worst"] = max(run["worst"], self.worst)
+                if self.warned and run["warned_at"] is None:
+                    run["warned_at"] = run["products"]
+
+            KinkGuard.check = check
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NonSmoothWarning)
+                    top = flatness.hessian_topk(m, loss_fn, data, k=5, tol=tol, hvp_mode=mode, max_hvp=150)
+            finally:
+                KinkGuard.check = original
             lam_err = float(((top.eigenvalues.double() - lam).abs() / lam.abs()).max())
-            print(f"{str(dtype)[6:]:>9} {mode:>18} {err:12.2e} {lam_err:18.2e} {top.n_hvp:5d}", flush=True)
+            line = f"{str(dtype)[6:]:>9} {mode:>18} {err:12.2e} {lam_err:18.2e} {top.n_hvp:5d}"
+            if mode == "finite_difference":
+                at = run["warned_at"]
+                warned = f"warned at product {at}" if at else "no warning"
+                line += (
+                    f"  guard (τ = {obj._kinks.tol:.2g}): ratio {obj._kinks.worst:.1e} on the 3 vectors, "
+                    f"{run['worst']:.1e} in the top-5 run ({warned})"
+                )
+            print(line, flush=True)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from conftest import (
     snapshot,
     split,
 )
-from flatness import NoSecondDerivativeError, Objective
+from flatness import NonSmoothWarning, NoSecondDerivativeError, Objective
 from test_objective import CASES as CASES_FOR_FD
 
 F = nn.functional
@@ -48,7 +49,7 @@ def test_fd_hvp_matches_dense_hessian_float64(case):
     for scale in (1.0, 1e-3, 1e4):  # the step is along v/‖v‖: any ‖v‖ gives the same accuracy
         v = scale * torch.randn(obj.n, generator=gen, dtype=torch.float64)
         assert rel(obj.hvp(v), hess @ v) < 1e-8
-    assert obj.n_hvp == 3 and obj.n_grad == 0
+    assert obj.n_hvp == 3 and obj.n_grad == 1  # the non-smoothness guard's ∇L(θ), once per θ
     assert torch.equal(
         obj.hvp(torch.zeros(obj.n, dtype=torch.float64)), torch.zeros(obj.n, dtype=torch.float64)
     )
@@ -269,3 +270,164 @@ def test_fd_error_bound_holds_in_float32():
             eps * float(grad.norm()) / h + eps ** (2 / 3) * float(torch.linalg.matrix_norm(hess, 2))
         )
         assert err < bound
+
+
+# ---------------------------------------------------------------------------- non-smooth models
+def _act_mlp(act, dtype, width=32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)).to(
+        dtype
+    )
+
+
+NON_SMOOTH = r"gradient jumps.*not smooth \(ReLU, max-pooling.*hvp_mode='reverse'"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_guard_warns_on_relu_networks(dtype):
+    """ReLU: a kink inside the step adds J/2h to the product; every FD function warns, once.
+
+    In float64 (h ≈ 6e-6) random vectors rarely cross a kink, but Lanczos vectors do (see
+    docs/large-models.md).
+    """
+    model = _act_mlp(nn.ReLU, dtype, width=64)
+    x, y = classification_data(256, d=8, dtype=dtype)
+    data = split(x, y, [128, 128])
+    before = snapshot(model)
+    with pytest.warns(NonSmoothWarning, match=NON_SMOOTH) as record:
+        top = flatness.hessian_topk(
+            model, F.cross_entropy, data, k=1, hvp_mode="finite_difference", max_hvp=60
+        )
+    assert sum(issubclass(w.category, NonSmoothWarning) for w in record) == 1
+    assert_untouched(model, before)
+    # The warning is warranted: λ₁ from finite differences is far from the exact one.
+    exact = flatness.hessian_topk(model, F.cross_entropy, data, k=1, hvp_mode="reverse").eigenvalues[0]
+    assert abs(float(top.eigenvalues[0]) - float(exact)) > 0.05 * abs(float(exact))
+    if dtype == torch.float32:  # random probes already cross kinks at h ≈ 5e-3
+        with pytest.warns(NonSmoothWarning, match=NON_SMOOTH):
+            flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=8, hvp_mode="finite_difference")
+        with pytest.warns(NonSmoothWarning, match=NON_SMOOTH):
+            flatness.hessian_density(model, F.cross_entropy, data, n_steps=8, hvp_mode="finite_difference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU, nn.SiLU])
+def test_fd_guard_is_silent_on_smooth_networks(act, dtype):
+    model = _act_mlp(act, dtype)
+    x, y = classification_data(64, d=8, dtype=dtype)
+    data = split(x, y, [32, 32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSmoothWarning)
+        top = flatness.hessian_topk(model, F.cross_entropy, data, k=5, tol=1e-4, hvp_mode="finite_difference")
+        flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=12, hvp_mode="finite_difference")
+        flatness.hessian_density(model, F.cross_entropy, data, n_steps=12, hvp_mode="finite_difference")
+    assert top.converged
+    # The guard did look, and found ratios far below its threshold (~ε^(1/3) on smooth losses).
+    obj = Objective(model, F.cross_entropy, data, hvp_mode="finite_difference")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        obj.hvp(torch.randn(obj.n, generator=gen, dtype=dtype))
+    guard = obj._kinks
+    assert guard.n_checked == 4 and not guard.warned
+    eps = torch.finfo(dtype).eps
+    assert guard.worst < 2 * eps ** (1 / 3) < guard.tol / 5
+
+
+def test_fd_guard_costs_one_gradient_per_theta_and_leaves_products_unchanged():
+    model = _act_mlp(nn.Tanh, torch.float64)
+    x, y = classification_data(20, d=8)
+    obj = Objective(model, F.cross_entropy, split(x, y, [7, 13]), hvp_mode="finite_difference")
+    gen = torch.Generator().manual_seed(0)
+    vs = [torch.randn(obj.n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    products = [obj.hvp(v) for v in vs]
+    assert (obj.n_hvp, obj.n_grad, obj.n_passes) == (3, 1, 4)  # ∇L(θ₀) once, kept
+    # The products are the central differences themselves.
+    h = obj.fd_step()
+    for v, hv in zip(vs, products, strict=True):
+        c = h / float(v.norm())
+        manual = (obj.grad(obj.theta0 + c * v) - obj.grad(obj.theta0 - c * v)) * (float(v.norm()) / (2 * h))
+        assert rel(hv, manual) < 1e-9
+    # Another θ: its own gradient, once; back at θ₀ (an equal tensor): computed again.
+    theta = obj.theta0 + 1e-3
+    grads = obj.n_grad
+    obj.hvp(vs[0], theta)
+    obj.hvp(vs[1], theta.clone())
+    assert obj.n_grad == grads + 1
+    obj.hvp(vs[0])
+    assert obj.n_grad == grads + 2
+
+
+def _fsdp_guard_worker(rank, port, tmp, act_name):
+    import os
+    import warnings as _warnings
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh}[act_name]
+        model = _act_mlp(act, torch.float32, width=64)
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x, y = classification_data(128, d=8, dtype=torch.float32, seed=rank)
+        with _warnings.catch_warnings(record=True) as record:
+            _warnings.simplefilter("always")
+            trace = flatness.hessian_trace(model, F.cross_entropy, split(x, y, [64, 64]), n_hvp=8)
+        warned = [str(w.message) for w in record if issubclass(w.category, NonSmoothWarning)]
+        torch.save({"warned": warned, "trace": float(trace.estimate)}, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fd_guard_on_fsdp_models(tmp_path):
+    """FSDP models use finite differences by default: the guard runs there too, on every rank."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    for act in ("relu", "tanh"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_fsdp_guard_worker, args=(port, str(tmp_path), act), nprocs=2, join=True)
+        ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+        assert ranks[0]["trace"] == ranks[1]["trace"]
+        if act == "relu":
+            for r in ranks:
+                assert len(r["warned"]) == 1
+                assert (
+                    "not smooth (ReLU" in r["warned"][0]
+                    and "unsharded model with hvp_mode='reverse'" in r["warned"][0]
+                )
+        else:
+            assert ranks[0]["warned"] == ranks[1]["warned"] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fd_guard_is_not_fooled_by_a_symmetry_of_the_loss(dtype):
+    """Shifting all logits (the last bias along ones) leaves the loss unchanged: H v = 0, and the
+    product is rounding noise, whose second difference is noise of the same size. Not a jump."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3)).to(dtype)
+    x, y = classification_data(64, d=8, dtype=dtype)
+    v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=dtype)
+    v[-3:] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonSmoothWarning)
+        for first in (None, torch.randn(v.shape, dtype=dtype)):
+            obj = Objective(model, F.cross_entropy, split(x, y, [32, 32]), hvp_mode="finite_difference")
+            if first is not None:
+                obj.hvp(first)
+            hv = obj.hvp(v)
+            assert float(hv.norm()) < 1e-4 * float(obj.hvp(torch.ones_like(v)).norm())
+            assert obj._kinks.worst < obj._kinks.tol / 10

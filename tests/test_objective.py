@@ -507,3 +507,192 @@ def test_recurrent_model_with_tied_embedding_untouched_and_exact():
     with torch.no_grad():  # the model still trains: in-place updates reach its forward
         model.lstm.weight_ih_l0.add_(0.5)
     assert not torch.equal(model(x).detach(), out0)
+
+
+# ---------------------------------------------------------------------------- the user's own errors
+class _FailsOnce(nn.Module):
+    """Raises the user's RuntimeError (mentioning "forward") on its first call only."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.lin = nn.Linear(5, 3).double()
+        self.error = error
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error
+        return self.lin(torch.tanh(x))
+
+
+class _NoJvpTanh(torch.autograd.Function):
+    """tanh with a backward but no jvp: forward-mode AD is not implemented for it."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _NoJvpNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(5, 4).double()
+        self.l2 = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.l2(_NoJvpTanh.apply(self.l1(x)))
+
+
+USER_ERRORS = [
+    RuntimeError("my forward pass failed: input not supported (not implemented here)"),
+    NotImplementedError("forward for this input is not implemented"),
+    torch.OutOfMemoryError("CUDA out of memory during the forward pass"),
+]
+
+
+@pytest.mark.parametrize("error", USER_ERRORS, ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "options", [{"hvp_mode": "forward"}, {"curvature": "ggn"}, {"curvature": "fisher"}], ids=str
+)
+def test_user_errors_propagate_under_forward_mode(error, options):
+    """Only torch's "forward AD is not implemented" falls back; the model's own errors propagate."""
+    import flatness
+
+    model = _FailsOnce(error)
+    before = snapshot(model)
+    with pytest.raises(type(error)) as info:
+        flatness.hessian_topk(model, F.cross_entropy, classification_data(9), k=1, **options)
+    assert info.value is error
+    assert model.calls == 1  # not re-run by a fallback
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_forward_ad_gaps_still_fall_back(curvature):
+    import flatness
+
+    data = classification_data(9)
+    model = _NoJvpNet()
+    exact = flatness.hessian_topk(
+        model, F.cross_entropy, data, k=2, tol=1e-10, curvature=curvature, hvp_mode="reverse"
+    )
+    if curvature == "hessian":
+        with pytest.warns(RuntimeWarning, match="forward-mode AD fails.*jvp function"):
+            top = flatness.hessian_topk(model, F.cross_entropy, data, k=2, tol=1e-10, hvp_mode="forward")
+    else:  # the GGN's J v by the double-VJP route (also exact), silently
+        top = flatness.hessian_topk(model, F.cross_entropy, data, k=2, tol=1e-10, curvature="ggn")
+    assert torch.allclose(top.eigenvalues, exact.eigenvalues, rtol=1e-9)
+
+
+def test_forward_ad_gap_messages_are_torchs():
+    """The phrases the fallback matches are what this torch raises."""
+    from flatness._fd import forward_ad_unsupported
+
+    x = torch.randn(3, dtype=torch.float64)
+    caught = []
+    for f in (
+        lambda t: torch.cdist(t.view(1, 3, 1), torch.ones(1, 2, 1, dtype=t.dtype)).sum(),  # aten op
+        lambda t: _NoJvpTanh.apply(t).sum(),  # custom Function without jvp
+        lambda t: F.mse_loss(t, torch.zeros_like(t)),  # "ZeroTensors are immutable" (torch 2.13)
+    ):
+        try:
+            torch.func.jvp(torch.func.grad(f), (x,), (torch.ones_like(x),))
+        except (RuntimeError, NotImplementedError) as e:
+            caught.append(e)
+    assert len(caught) >= 2 and all(forward_ad_unsupported(e) for e in caught)
+    assert not any(forward_ad_unsupported(e) for e in USER_ERRORS)
+
+
+# ---------------------------------------------------------------------------- reduction, seeds
+@pytest.mark.parametrize(
+    ("loss_fn", "reduction", "fix"),
+    [
+        (nn.CrossEntropyLoss(reduction="sum"), "mean", "reduction='sum'"),
+        (nn.CrossEntropyLoss(), "sum", "reduction='mean'"),
+        (nn.CrossEntropyLoss(reduction="none"), "mean", "reduction='mean'"),
+        (__import__("functools").partial(F.cross_entropy, reduction="sum"), "mean", "reduction='sum'"),
+    ],
+    ids=["sum-module", "mean-module", "none-module", "partial"],
+)
+def test_loss_reduction_contradicting_reduction_option_is_named(loss_fn, reduction, fix):
+    import flatness
+
+    x, y = classification_data(40)
+    model = make_mlp()
+    with pytest.raises(ValueError, match=rf"loss_fn: .*reduction=.*{fix}") as info:
+        flatness.hessian_topk(model, loss_fn, split(x, y, [20, 20]), k=1, reduction=reduction)
+    assert "reduction" in str(info.value)
+    with pytest.raises(ValueError, match="loss_fn: "):
+        Objective(model, loss_fn, (x, y), reduction=reduction)
+
+
+def test_loss_reduction_that_agrees_is_accepted_and_exact():
+    import flatness
+
+    x, y = classification_data(40)
+    model = make_mlp()
+    data = split(x, y, [20, 20])
+    mean = flatness.hessian_topk(model, F.cross_entropy, data, k=1, tol=1e-10).eigenvalues[0]
+    summed = flatness.hessian_topk(
+        model, nn.CrossEntropyLoss(reduction="sum"), data, k=1, tol=1e-10, reduction="sum"
+    ).eigenvalues[0]
+    assert float(summed) == pytest.approx(40 * float(mean), rel=1e-9)
+    module = flatness.hessian_topk(model, nn.CrossEntropyLoss(), data, k=1, tol=1e-10).eigenvalues[0]
+    assert float(module) == pytest.approx(float(mean), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, 2**80, -1, np.uint64(2**64 - 1)])
+def test_out_of_range_seeds_are_named(seed):
+    import flatness
+
+    model = make_mlp()
+    data = classification_data(10)
+    calls = {
+        "hessian_topk": lambda: flatness.hessian_topk(model, F.cross_entropy, data, k=1, seed=seed),
+        "hessian_trace": lambda: flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=6, seed=seed),
+        "landscape_2d": lambda: flatness.landscape_2d(
+            model, F.cross_entropy, data, alphas=[0.0, 1.0], betas=[0.0, 1.0], seed=seed
+        ),
+        "sharpness": lambda: flatness.sharpness(model, F.cross_entropy, data, subspace=2, seed=seed),
+        "data_seed": lambda: Objective(model, F.cross_entropy, data, data_seed=seed),
+    }
+    for name, call in calls.items():
+        arg = "data_seed" if name == "data_seed" else "seed"
+        with pytest.raises(ValueError, match=rf"^{arg}: got .*\[0, 2\*\*63 - 1\]"):
+            call()
+    # The largest accepted seed works.
+    flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=6, seed=2**63 - 1)
+    flatness.landscape_1d(model, F.cross_entropy, data, alphas=[0.0, 1.0], seed=np.int64(2**63 - 1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "reverse", "forward", "finite_difference"])
+def test_loss_linear_in_theta_has_zero_hessian(mode):
+    """A gradient that does not depend on θ has no graph: H = 0 (was a raw autograd error)."""
+    import flatness
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, _ = classification_data(8, d=4)
+    data = (x, torch.zeros(8, dtype=torch.float64))
+
+    def linear(out, _target):
+        return out.mean()
+
+    obj = Objective(model, linear, data, hvp_mode=mode)
+    assert torch.equal(
+        obj.hvp(torch.ones(obj.n, dtype=torch.float64)), torch.zeros(obj.n, dtype=torch.float64)
+    )
+    top = flatness.hessian_topk(model, linear, data, k=1, hvp_mode=mode)
+    assert float(top.eigenvalues[0]) == 0.0
+    assert float(flatness.hessian_trace(model, linear, data, n_hvp=6, hvp_mode=mode).estimate) == 0.0

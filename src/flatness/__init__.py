@@ -1,5 +1,6 @@
 """flatness: how sharp or flat is a trained network's loss minimum?"""
 
+from flatness._fd import NonSmoothWarning
 from flatness.landscape import (
     eigen_directions,
     interpolate,
@@ -52,6 +53,7 @@ __all__ = [
     "Monitor",
     "NoSecondDerivativeError",
     "NonFiniteLossError",
+    "NonSmoothWarning",
     "Objective",
     "SharpnessResult",
     "__version__",

@@ -31,10 +31,10 @@ from torch import nn
 
 from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch
-from flatness._fd import fd_step
+from flatness._fd import KinkGuard, fd_step
 from flatness._guard import model_guard, seed_everything
 from flatness._params import ParamSpec, select_params
-from flatness._validate import check_choice, check_seed
+from flatness._validate import check_choice, check_loss_reduction, check_seed
 from flatness.algorithms._linalg import VectorSpace
 from flatness.objective import BatchLoss, LossFn, NonFiniteLossError, _LossModule, _promote
 
@@ -283,6 +283,7 @@ class ShardedObjective:
                 "batch_loss(model, batch)"
             )
         check_choice("reduction", reduction, ("mean", "sum"))
+        check_loss_reduction(loss_fn, reduction)
         check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
         if hvp_mode in ("forward", "reverse"):
             raise ValueError(
@@ -382,6 +383,8 @@ class ShardedObjective:
         self.n_hvp = 0
         self.n_passes = 0
         self.last_vectorized: bool | None = False
+        eps = max(torch.finfo(d).eps for d in self._compute_dtypes)
+        self._kinks = KinkGuard(self.space.norm, eps, sharded=True)  # see flatness._fd
         self._buffers = dict(model.named_buffers())
 
     def _find_compute_dtypes(self) -> list[torch.dtype]:
@@ -656,7 +659,12 @@ class ShardedObjective:
         torch.add(theta, v, alpha=-h / vnorm, out=point)
         _, g_minus = self._grad_pass(point, what)
         del point
-        return g_plus.sub_(g_minus).mul_(vnorm / (2.0 * h))
+        g_plus.sub_(g_minus)
+        # The non-smoothness guard (flatness._fd.KinkGuard), as in the one-process product.
+        if not self._kinks.warned:
+            g0 = self._kinks.base_gradient(theta, self.grad)
+            self._kinks.check(g_minus.mul_(2.0).add_(g_plus).sub_(g0, alpha=2.0), g_plus)
+        return g_plus.mul_(vnorm / (2.0 * h))
 
     # ------------------------------------------------------------------ many points
     def evaluate_many(

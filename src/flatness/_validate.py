@@ -8,6 +8,7 @@ Integers are Python or NumPy integers alike (never ``bool``).
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable
@@ -15,7 +16,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_choice", "check_int", "check_options", "check_positive", "check_seed", "is_int"]
+__all__ = [
+    "MAX_SEED",
+    "check_choice",
+    "check_int",
+    "check_loss_reduction",
+    "check_options",
+    "check_positive",
+    "check_seed",
+    "declared_reduction",
+    "is_int",
+]
 
 
 def is_int(value: Any) -> bool:
@@ -44,12 +55,25 @@ def check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}: got {value}; expected an int >= {minimum}")
 
 
+#: the largest seed accepted: torch's generators take 64-bit seeds, and a few functions derive
+#: further seeds as ``seed + i`` (landscape directions, Monitor records), which must still fit.
+MAX_SEED = 2**63 - 1
+
+
 def check_seed(seed: Any, name: str = "seed") -> int:
-    """A seed is any Python or NumPy integer (not a bool); returns it as a Python int ≥ 0."""
+    """A seed is a Python or NumPy integer (not a bool) in [0, 2**63 − 1]; returned as a Python int.
+
+    Raises:
+        TypeError: ``seed`` is not an integer.
+        ValueError: it is negative or above 2**63 − 1 (naming ``name``).
+    """
     if not is_int(seed):
         raise TypeError(f"{name}: expected an int (Python or NumPy), got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"{name}: got {seed}; expected an int >= 0")
+    if seed < 0 or seed > MAX_SEED:
+        raise ValueError(
+            f"{name}: got {seed}; expected an int in [0, 2**63 - 1] (torch's generators take 64-bit "
+            "seeds); pass a smaller seed, e.g. seed % 2**63"
+        )
     return int(seed)
 
 
@@ -88,3 +112,47 @@ def check_options(fn: Callable[..., Any], options: dict[str, Any], target: Calla
         f"{[o for o in own if o not in ('model', 'loss_fn', 'data', 'self')]}; it also forwards "
         f"{accepted} to flatness.{where}"
     )
+
+
+def declared_reduction(loss_fn: Any) -> str | None:
+    """The ``reduction`` a loss declares: an ``nn`` loss module's attribute, or the keyword of a
+    ``functools.partial``; None for a plain function (which cannot be inspected)."""
+    if isinstance(loss_fn, functools.partial):
+        value = loss_fn.keywords.get("reduction")
+    else:
+        value = getattr(loss_fn, "reduction", None) if hasattr(loss_fn, "forward") else None
+    return value if isinstance(value, str) else None
+
+
+def check_loss_reduction(loss_fn: Any, reduction: str) -> None:
+    """Raise a ValueError naming both when ``loss_fn`` declares another reduction than ``reduction``.
+
+    ``reduction="mean"`` averages batch losses weighted by batch size, so each must be the batch
+    *mean*; ``reduction="sum"`` adds them, so each must be the batch *sum*. A summed criterion
+    (``nn.CrossEntropyLoss(reduction="sum")``) under the default ``"mean"`` would make every
+    curvature about a batch size too large, silently.
+    """
+    declared = declared_reduction(loss_fn)
+    if declared is None:
+        return
+    if isinstance(loss_fn, functools.partial):
+        what = f"functools.partial({getattr(loss_fn.func, '__name__', 'loss')}, ...)"
+    else:
+        what = type(loss_fn).__name__
+    if declared == "none":
+        raise ValueError(
+            f"loss_fn: {what} has reduction='none', so it returns per-element losses, not one "
+            f"number per batch; pass a loss with reduction={reduction!r}"
+        )
+    kind = {"mean": "mean", "batchmean": "mean", "sum": "sum"}.get(declared)
+    if kind is None:  # a reduction this check does not know
+        return
+    if kind != reduction:
+        summed = kind == "sum"
+        raise ValueError(
+            f"loss_fn: {what} has reduction={declared!r} (it returns the batch "
+            f"{'sum' if summed else 'mean'}), but reduction={reduction!r} here expects the batch "
+            f"{'mean' if summed else 'sum'}: every loss and curvature would be off by about a batch "
+            f"size. Pass reduction={kind!r} to flatness (L = the {'sum' if summed else 'mean'} over "
+            f"all samples), or a loss with reduction={reduction!r}"
+        )

@@ -33,16 +33,18 @@ from torch.nn.utils.stateless import _reparametrize_module  # what functional_ca
 from flatness import _dist
 from flatness._data import DataSource, batch_size_of, move_batch, tensors_of
 from flatness._fd import (
+    KinkGuard,
     NoSecondDerivativeError,
     _is_reentrant_checkpoint,
     check_second_derivatives,
     explain,
     fd_step,
+    forward_ad_unsupported,
     same_randomness,
 )
 from flatness._guard import model_guard, seed_everything
 from flatness._params import ParamLayout, ParamSpec, alias_map, select_params, unwrap
-from flatness._validate import check_choice, check_seed
+from flatness._validate import check_choice, check_loss_reduction, check_seed
 from flatness._validate import check_options as _check_options
 
 __all__ = ["NoSecondDerivativeError", "NonFiniteLossError", "Objective", "ParamSpec", "check_options"]
@@ -196,7 +198,9 @@ class Objective:
             h = ε^(1/3) · max(1, ‖θ‖/√n) (:meth:`fd_step`), two gradient passes and no second
             derivatives, for models whose ops have none (custom ``autograd.Function`` s,
             reentrant checkpointing); relative error about ε^(2/3) on smooth losses (see
-            :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps).
+            :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps:
+            :class:`flatness.NonSmoothWarning` says so when a step crosses a kink, at the cost
+            of one gradient pass per θ).
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
             batches and random augmentations are the same in every pass.
         reuse_graph: inside :meth:`reusing_graph` (which the spectrum functions use), keep the
@@ -214,9 +218,15 @@ class Objective:
     Raises:
         TypeError, ValueError: with the argument named, for bad input (``data`` for empty
             batches, data of another floating dtype than the model's, or passes that differ;
-            ``model`` for a model without parameters). Errors raised by the model or the loss
+            ``model`` for a model without parameters; ``loss_fn`` for a loss module whose
+            ``reduction`` contradicts ``reduction``). Errors raised by the model or the loss
             function themselves propagate unchanged.
         NonFiniteLossError: a loss, gradient or HVP that is not finite (naming the batch).
+
+    Warns:
+        NonSmoothWarning: finite-difference products whose gradient jumps inside the step.
+        RuntimeWarning: ``hvp_mode="forward"`` where torch has no forward-mode derivative for an
+            op of the model (the products are then computed by double backward).
     """
 
     def __init__(
@@ -254,6 +264,7 @@ class Objective:
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
         check_choice("reduction", reduction, ("mean", "sum"))
+        check_loss_reduction(loss_fn, reduction)
         check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
@@ -336,6 +347,10 @@ class Objective:
         # the MLP; forward-over-reverse 2.9-3.3x and 6.4-8.7x (torch 2.13, CPU).
         self._forward = hvp_mode == "forward"
         self._fd = hvp_mode == "finite_difference"
+        # Finite differences: warns where the gradient jumps inside the step (ReLU, max-pooling).
+        self._kinks = KinkGuard(
+            lambda t: float(torch.linalg.vector_norm(t, dtype=torch.float64)), self._compute_eps()
+        )
         # Reentrant checkpointing forbids torch.autograd.grad: gradients then come from
         # loss.backward() into our leaf (found on the first gradient, remembered).
         self._reentrant = False
@@ -454,7 +469,7 @@ class Objective:
     # ------------------------------------------------------------------ passes
     def _pass(
         self,
-        per_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]],
+        per_batch: Callable[[Any], tuple[torch.Tensor, Any]],
         what: str,
         extra_numel: int | None,
         check_finite: bool = True,
@@ -462,7 +477,8 @@ class Objective:
         """Σ_b w_b (loss_b, extra_b) / Σ_b w_b over one pass, reduced over ranks.
 
         ``per_batch(batch)`` returns the batch's scalar loss and a flat ``extra`` tensor of
-        ``extra_numel`` numbers (gradient, HVP, per-point losses...) or None. With
+        ``extra_numel`` numbers (gradient, HVP, per-point losses...), a tuple of tensors summed
+        side by side (their sizes adding up to ``extra_numel``), or None. With
         ``check_finite=False`` non-finite values pass through (landscape grids keep NaN).
         The sums accumulate in ``self.acc_dtype`` (at least float32: a bfloat16 sum of a few
         hundred batch losses is off by percents) and are returned in it.
@@ -491,7 +507,15 @@ class Objective:
                     total_loss = total_loss + w * loss.to(acc)
                     if total_extra is not None and extra is not None:
                         # NaN and ±inf survive the sum, so one check of the total suffices.
-                        total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=w)
+                        if isinstance(extra, tuple):  # parts summed side by side
+                            start = 0
+                            for part in extra:
+                                part = part.detach().reshape(-1)
+                                end = start + part.numel()
+                                total_extra[start:end].add_(part.to(acc), alpha=w)
+                                start = end
+                        else:
+                            total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=w)
                     total_size += size
             finally:
                 self.data.restore_generators(saved)
@@ -660,11 +684,35 @@ class Objective:
                 torch.add(theta, v, alpha=-c, out=point)
                 _, g_minus = self._batch_grad(point, batch)
             g_plus.sub_(g_minus)
-            return loss, g_plus
+            if not guard:
+                return loss, g_plus
+            # g₊ + g₋ = 2 g₋ + (g₊ − g₋), for the guard's second difference.
+            return loss, (g_plus, g_minus.mul_(2.0).add_(g_plus))
 
-        diff = self._pass(per_batch, "finite-difference Hessian-vector product", extra_numel=self.n)[1]
-        assert diff is not None
-        return diff.mul_(vnorm / (2.0 * h))
+        # The non-smoothness guard (flatness._fd.KinkGuard) until it has warned: ∇L(θ) once per θ.
+        kinks = self._kinks
+        guard = not kinks.warned
+        g0 = kinks.base_gradient(theta, self._acc_grad) if guard else None
+        what = "finite-difference Hessian-vector product"
+        total = self._pass(per_batch, what, extra_numel=2 * self.n if guard else self.n)[1]
+        assert total is not None
+        if g0 is None:
+            return total.mul_(vnorm / (2.0 * h))
+        diff, second = total[: self.n], total[self.n :].sub_(g0, alpha=2.0)
+        kinks.check(second, diff)
+        return diff.mul(vnorm / (2.0 * h))  # a vector of its own, not a view of the 2n sums
+
+    def _acc_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """∇L(θ) over one full pass, in the accumulation dtype (counted in ``n_grad``)."""
+        theta = theta.detach()
+
+        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._batch_grad(theta, batch)
+
+        self.n_grad += 1
+        grad = self._pass(per_batch, "gradient", extra_numel=self.n)[1]
+        assert grad is not None
+        return grad
 
     # ------------------------------------------------------------------ kept gradient graphs
     @contextlib.contextmanager
@@ -723,7 +771,7 @@ class Objective:
                 if check:
                     check_second_derivatives(loss)
                 (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-                (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=keep)
+                hv = _second(g, leaf, v, retain_graph=keep)
                 if keep and budget is not None:
                     used[0] += graph_bytes(g, held)
                     if used[0] > budget:
@@ -765,7 +813,7 @@ class Objective:
         with model_guard(self.model), torch.enable_grad(), self.at(kept.leaf):
             self.model.train(self.train)
             for i, (w, _loss, g) in enumerate(kept.entries):
-                (hv,) = torch.autograd.grad(g, kept.leaf, grad_outputs=v, retain_graph=True)
+                hv = _second(g, kept.leaf, v, retain_graph=True)
                 hv = hv.reshape(-1).to(acc)
                 if i == 0 and hv.is_contiguous() and not _shares(hv, v):
                     total = hv.mul_(w)  # = 0 + w·hv, bitwise, without a second vector
@@ -799,7 +847,11 @@ class Objective:
                     with _math_attention():
                         (_g, loss), (hv, _) = torch.func.jvp(torch.func.grad_and_value(f), (theta,), (v,))
                 except (RuntimeError, NotImplementedError) as e:
-                    raise _ForwardADFailed(e) from e
+                    # Only torch's "forward AD is not implemented here"; the model's own errors,
+                    # out-of-memory included, propagate unchanged.
+                    if forward_ad_unsupported(e):
+                        raise _ForwardADFailed(e) from e
+                    raise
                 return loss, hv
 
         else:
@@ -812,7 +864,7 @@ class Objective:
                     if check:
                         check_second_derivatives(loss)
                     (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-                    (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v)
+                    hv = _second(g, leaf, v)
                 return loss, hv
 
         self.n_hvp += 1
@@ -820,7 +872,8 @@ class Objective:
             hv = self._pass(per_batch, "Hessian-vector product", extra_numel=self.n)[1]
         except _ForwardADFailed as e:
             # Forward-mode AD is missing or broken for some ops (torch 2.13: F.mse_loss under
-            # jvp(grad) raises "ZeroTensors are immutable"). Double backward is exact too.
+            # jvp(grad) raises "ZeroTensors are immutable"; see FORWARD_AD_GAPS). Double
+            # backward is exact too.
             self._forward = False
             warnings.warn(
                 f"hvp_mode='forward': forward-mode AD fails on this model and loss "
@@ -866,6 +919,19 @@ class Objective:
         from flatness.landscape.evaluate import evaluate_many
 
         return evaluate_many(self, thetas, **options)
+
+
+def _second(
+    g: torch.Tensor, leaf: torch.Tensor, v: torch.Tensor, *, retain_graph: bool = False
+) -> torch.Tensor:
+    """∇(gᵀv) with respect to ``leaf``: H v from a gradient g taken with ``create_graph=True``.
+
+    A gradient that does not depend on θ (a loss linear in θ) has no graph: H v = 0.
+    """
+    if not g.requires_grad:
+        return torch.zeros_like(leaf)
+    (hv,) = torch.autograd.grad(g, leaf, grad_outputs=v, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(leaf) if hv is None else hv
 
 
 #: with ``reuse_graph="auto"``, graphs are kept for at most this many batches.

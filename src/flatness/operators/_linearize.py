@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from flatness._fd import forward_ad_unsupported
 from flatness.objective import Objective, _math_attention
 
 __all__ = ["Compute", "Linearized", "linearize"]
@@ -96,7 +97,9 @@ def linearize(
         try:
             return _forward_mode(obj, theta, v, compute)
         except (NotImplementedError, RuntimeError) as e:
-            if "forward" not in str(e).lower() and "not implemented" not in str(e).lower():
+            # Only torch's "forward AD is not implemented here" (the model's own errors, and
+            # out-of-memory, propagate unchanged).
+            if not forward_ad_unsupported(e):
                 raise
             state["reverse"] = True
     return _reverse_mode(obj, theta, v, compute)
