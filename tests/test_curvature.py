@@ -532,3 +532,35 @@ def test_empirical_fisher_of_a_recurrent_model():
     gr = per_sample_gradients(model, [(x[i : i + 1], y[i : i + 1]) for i in range(5)], F.cross_entropy, names)
     torch.testing.assert_close(op.dense(), gr.T @ gr / 5, rtol=1e-9, atol=1e-12)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "fisher", "empirical_fisher"])
+def test_non_reentrant_checkpointing_gives_the_plain_models_matrix(curvature):
+    """Activation checkpointing (use_reentrant=False) recomputes a segment in the backward without
+    the forward pass's dual numbers (the GGN / Fisher raised CheckpointError) or outside vmap (the
+    empirical Fisher raised 'escaped from inside a function being vmapped'): each matrix must
+    equal the same model's without checkpointing, dense in float64."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self, ckpt: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.ckpt = nn.Linear(4, 6), nn.Linear(6, 3), ckpt
+
+        def forward(self, x):
+            if self.ckpt:
+                h = checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False)
+            else:
+                h = torch.tanh(self.a(x))
+            return self.b(h)
+
+    plain = Net(False).double()
+    ckpt = Net(True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    data = [(torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))) for _ in range(2)]
+    want = curvature_operator(plain, F.cross_entropy, data, curvature=curvature).dense()
+    got = curvature_operator(ckpt, F.cross_entropy, data, curvature=curvature).dense()
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

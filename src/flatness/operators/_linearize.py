@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.utils.checkpoint
 
 from flatness._fd import forward_ad_unsupported
 from flatness.objective import Objective, _math_attention
@@ -31,18 +32,37 @@ class Linearized:
         targets: what ``loss_fn`` takes beside the outputs.
     """
 
-    def __init__(self, leaf: torch.Tensor, z: torch.Tensor, jvp: torch.Tensor, targets: Any) -> None:
+    def __init__(
+        self,
+        leaf: torch.Tensor,
+        z: torch.Tensor,
+        jvp: torch.Tensor,
+        targets: Any,
+        regraph: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         self._leaf = leaf
         self._z = z
+        self._regraph = regraph
         self.outputs = z.detach()
         self.jvp = jvp
         self.targets = targets
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         """Jᵀ u as a flat vector like θ (frees the graph)."""
-        if not self._z.requires_grad:
+        try:
+            return self._vjp(self._z, u)
+        except torch.utils.checkpoint.CheckpointError:
+            # Non-reentrant activation checkpointing recomputes its segments in the backward
+            # without the dual numbers of the forward pass, saves fewer tensors and refuses;
+            # J v is right (the forward ran as recorded), Jᵀ u comes from a plain forward.
+            if self._regraph is None:
+                raise
+            return self._vjp(self._regraph(), u)
+
+    def _vjp(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if not z.requires_grad:
             return torch.zeros_like(self._leaf)
-        (g,) = torch.autograd.grad(self._z, self._leaf, grad_outputs=u.to(self._z.dtype), allow_unused=True)
+        (g,) = torch.autograd.grad(z, self._leaf, grad_outputs=u.to(z.dtype), allow_unused=True)
         return torch.zeros_like(self._leaf) if g is None else g
 
 
@@ -59,7 +79,9 @@ def _check_outputs(z: Any) -> torch.Tensor:
 Compute = Callable[[], tuple[Any, Any]]
 
 
-def _forward_mode(obj: Objective, theta: torch.Tensor, v: torch.Tensor, compute: Compute) -> Linearized:
+def _forward_mode(
+    obj: Objective, theta: torch.Tensor, v: torch.Tensor, compute: Compute, state: dict[str, Any]
+) -> Linearized:
     leaf = theta.detach().requires_grad_(True)
     with torch.enable_grad(), _math_attention(), fwAD.dual_level():
         with obj.at(fwAD.make_dual(leaf, v)):
@@ -67,7 +89,13 @@ def _forward_mode(obj: Objective, theta: torch.Tensor, v: torch.Tensor, compute:
         z = _check_outputs(z)
         primal, tangent = fwAD.unpack_dual(z)
     jv = torch.zeros_like(primal) if tangent is None else tangent.detach()
-    return Linearized(leaf, primal, jv, targets)
+
+    def regraph() -> torch.Tensor:
+        state["reverse"] = True  # the next products take the double-VJP route at once
+        with torch.enable_grad(), _math_attention(), obj.at(leaf):
+            return _check_outputs(compute()[0])
+
+    return Linearized(leaf, primal, jv, targets, regraph)
 
 
 def _reverse_mode(obj: Objective, theta: torch.Tensor, v: torch.Tensor, compute: Compute) -> Linearized:
@@ -95,7 +123,7 @@ def linearize(
     """
     if not state.get("reverse"):
         try:
-            return _forward_mode(obj, theta, v, compute)
+            return _forward_mode(obj, theta, v, compute, state)
         except (NotImplementedError, RuntimeError) as e:
             # Only torch's "forward AD is not implemented here" (the model's own errors, and
             # out-of-memory, propagate unchanged).

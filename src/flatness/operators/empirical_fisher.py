@@ -16,6 +16,10 @@ from flatness.operators._linearize import linearize
 __all__ = ["EmpiricalFisherOperator"]
 
 
+#: torch's words when a tensor made inside ``vmap`` is used after it (activation checkpointing).
+_ESCAPED = "escaped from inside a function being vmapped"
+
+
 def _no_batching_rule(error: BaseException) -> bool:
     """Whether an error of ``torch.func.vmap`` means "this op cannot be vectorized"."""
     msg = str(error).lower()
@@ -141,7 +145,15 @@ class EmpiricalFisherOperator(CurvatureOperator):
             # samples without a loss (0/0) count nothing: their NaNs must not reach the sums
             losses = torch.where(counted, losses, torch.zeros_like(losses))
             jvp = torch.where(counted, jvp, torch.zeros_like(jvp))
-            out = lin.vjp(a * jvp)
+            try:
+                out = lin.vjp(a * jvp)
+            except RuntimeError as e:
+                # Activation checkpointing recomputes its segments in the backward, outside vmap:
+                # torch calls the vmapped tensors escaped. The loop over rows has no such problem.
+                if state.get("loop") or _ESCAPED not in str(e):
+                    raise
+                state["loop"] = True
+                out = linearize(obj, self.theta, v, compute, state).vjp(a * jvp)
             return (a * losses).sum(), out
 
         out = obj._pass(per_batch, "empirical-Fisher-vector product", extra_numel=obj.n)[1]
