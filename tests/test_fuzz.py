@@ -309,7 +309,12 @@ def shows_value(message: str, value: Any) -> bool:
     """Whether ``message`` shows the received ``value``: its repr, a number's usual forms, or
     its type's name (a TypeError's "got str")."""
     forms = _renderings(value)
-    return forms is None or any(f in message for f in forms) or names_argument(message, type(value).__name__)
+    kind = re.escape(type(value).__name__)
+    return (
+        forms is None
+        or any(f in message for f in forms)
+        or re.search(rf"\bgot (an? )?{kind}\b|\({kind}\)|\btype {kind}\b", message) is not None
+    )
 
 
 @contextlib.contextmanager
@@ -922,3 +927,21 @@ def test_fuzz_models_have_valid_baselines(kind):
         out["result"] = flatness.Objective(p.model, p.loss_fn, (p.x, p.y)).loss()
     if out["raised"] is None:
         check_result(out["result"])
+
+
+def test_names_argument_needs_the_name_as_a_word():
+    # The contract's check itself: a substring proves nothing.
+    assert names_argument("k: got 0; expected an int >= 1", "k")
+    assert names_argument("expected k=1 or more", "k")
+    assert names_argument("the argument `v` has length 3", "v")
+    assert names_argument("'v' must be a vector", "v")
+    assert not names_argument("start='keskar' is not valid", "k")
+    assert not names_argument("the top-k eigenvalues", "k")
+    assert not names_argument("invalid values", "v")
+    assert not names_argument("max_batches: got 0", "batches")
+    assert not names_argument("dtype=torch.float64", "float64")
+    assert shows_value("epsilon: got -0.001; expected a number > 0", -1e-3)
+    assert shows_value("start: got 'lanczos'; expected one of", "lanczos")
+    assert shows_value("metrics: expected a dict, got str", "acc")
+    assert not shows_value("epsilon: expected a number > 0", -1e-3)
+    assert not shows_value("max_iter: expected an int >= 1", 0)  # "int" alone is not "got int"

@@ -211,3 +211,17 @@ def test_vertex_search_respects_its_budget(probes):
     f, calls = _quadratic(b @ b.T, np.zeros(n))
     _, used = vertex_search(f, np.ones(n), g0=np.zeros(n), z0=np.ones(n), steps=3, probes=probes, rng=rng)
     assert used == len(calls) <= 3 + probes
+
+
+@pytest.mark.parametrize("max_evals", [1, 2, 3, 5, 9, 12])
+def test_default_start_keeps_the_evaluation_cap(max_evals):
+    # The search and L-BFGS-B share max_evals; the pass at x comes on top.
+    h, x, epsilon = held_out_problem(7, 10, "cluster", "haar", "gauss")
+    res = sharpness(
+        *quadratic_problem(torch.tensor(h), torch.tensor(x), 0.0),
+        epsilon=epsilon,
+        max_evals=max_evals,
+        seed=1,
+    )
+    assert 2 <= res.n_evals <= max_evals + 1
+    assert 0 < res.value <= exact_phi(h, x, epsilon) * (1 + 1e-9)
