@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import warnings
 from collections import namedtuple
 from collections.abc import Callable
@@ -129,6 +130,7 @@ class Data:
     nan: bool = False  # a non-finite number somewhere in the inputs
     mixed: bool = False  # floating data of another dtype than the model's
     ambiguous: bool = False  # tensors of different leading sizes: a warning names them
+    received: dict[str, Any] = field(default_factory=dict)  # the wrong options' values
 
 
 def _splits(x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,9 +280,57 @@ def check_result(res: Any, *, nan_ok: frozenset[str] = frozenset()) -> None:
     assert _finite(res, nan_ok), res
 
 
+def names_argument(message: str, name: str) -> bool:
+    """Whether ``message`` cites the argument ``name`` as a word of its own.
+
+    A substring proves nothing: "k" is in "keskar" and "v" in "values". The name must stand
+    alone: not inside a longer identifier ("max_batches" does not name "batches"), a hyphenated
+    word ("top-k" does not name "k") or a dotted path ("torch.float64" does not name
+    "float64"); "k=0", "k: got 0", "`k`" and "'k'" do.
+    """
+    return re.search(rf"(?<![\w.\-]){re.escape(name)}(?![\w\-])", message) is not None
+
+
+def _renderings(value: Any) -> list[str] | None:
+    """How a message may show a wrong value; None where no one spelling is expected."""
+    if value is None or isinstance(value, (bool, str)):
+        return [repr(value)]
+    if isinstance(value, (int, np.integer)):
+        return [str(int(value))]
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return [repr(v), str(v), f"{v:g}", f"{v:.6g}"]
+    if isinstance(value, torch.dtype):
+        return [str(value)]
+    return None  # tensors, lists, sets, callables: a shape or a type name is enough
+
+
+def shows_value(message: str, value: Any) -> bool:
+    """Whether ``message`` shows the received ``value``: its repr, a number's usual forms, or
+    its type's name (a TypeError's "got str")."""
+    forms = _renderings(value)
+    kind = re.escape(type(value).__name__)
+    return (
+        forms is None
+        or any(f in message for f in forms)
+        or re.search(rf"\bgot (an? )?{kind}\b|\({kind}\)|\btype {kind}\b", message) is not None
+    )
+
+
 @contextlib.contextmanager
-def contract(model: nn.Module | None, must: set[str], may: set[str], *, errors: tuple = OK_ERRORS):
-    """Run the block under the contract; yields a dict whose "result" the block fills in."""
+def contract(
+    model: nn.Module | None,
+    must: set[str],
+    may: set[str],
+    *,
+    errors: tuple = OK_ERRORS,
+    received: dict[str, Any] | None = None,
+):
+    """Run the block under the contract; yields a dict whose "result" the block fills in.
+
+    An error must name one of the wrong arguments as a word (:func:`names_argument`); where it
+    names a wrong option whose value is in ``received``, it must also show that value.
+    """
     before = snapshot(model) if model is not None else None
     out: dict[str, Any] = {"result": None, "raised": None, "warnings": []}
     with warnings.catch_warnings(record=True) as caught:
@@ -295,8 +345,13 @@ def contract(model: nn.Module | None, must: set[str], may: set[str], *, errors: 
         names = must | may
         assert names, f"raised although every argument is right: {type(e).__name__}: {e}"
         message = str(e)
-        assert any(n in message for n in names), (
-            f"{type(e).__name__} names none of {sorted(names)}: {message}"
+        assert any(names_argument(message, n) for n in names), (
+            f"{type(e).__name__} names none of {sorted(names)} as a word: {message}"
+        )
+        cited = [n for n in (received or {}) if names_argument(message, n)]
+        assert not cited or any(shows_value(message, received[n]) for n in cited), (  # type: ignore[index]
+            f"{type(e).__name__} names {cited} but not the value received "
+            f"({', '.join(f'{n}={received[n]!r}' for n in cited)}): {message}"  # type: ignore[index]
         )
     else:
         assert not must, f"no error although {sorted(must)} is wrong"
@@ -328,6 +383,8 @@ def problem_and_data(draw: st.DrawFn, kinds: list[str] | None = None) -> tuple[P
     opts, bad = draw(options(objective_options(p)))
     prepare_model(p, draw)
     must, may = data_names(d, opts, bad)
+    # An unknown keyword (the typo) is refused first, by name: no value to show then.
+    d.received = {} if "epsilom" in bad else {n: opts[n] for n in bad}
     must |= p.must | bad
     may |= p.may
     if d.batch_loss is not None:
@@ -442,7 +499,8 @@ def _run_model_level(draw: st.DrawFn, fn_name: str, table: dict[str, Opt], requi
         may.add("subspace")
     if d.nan:
         may |= {"data"}
-    with contract(p.model, must, may) as out:
+    received = {} if "epsilom" in opts else {**d.received, **{n: fn_opts[n] for n in fn_bad}}
+    with contract(p.model, must, may, received=received) as out:
         out["result"] = _call_model_level(fn_name, p, d, opts, fn_opts)
     check_warnings(d, out)
     if out["raised"] is None:
@@ -515,7 +573,8 @@ def _run_grid(draw: st.DrawFn, fn_name: str) -> None:
     if fn_name == "interpolate":
         with torch.random.fork_rng():
             other = make_problem(p.name, 9).model if p.name != "no_params" else p.model
-    with contract(p.model, must, may) as out:
+    received = {} if "epsilom" in opts else {**d.received, **{n: fn_opts[n] for n in fn_bad}}
+    with contract(p.model, must, may, received=received) as out:
         if fn_name == "interpolate":
             before_b = snapshot(other)
             out["result"] = fn(p.model, other, loss_fn_for(p, d), d.value, **fn_opts, **opts)
@@ -559,7 +618,7 @@ def test_fuzz_objective_methods(data):
     p, d, opts, must, may = problem_and_data(draw)
     if d.nan:
         may |= {"data"}
-    with contract(p.model, must, may) as out:
+    with contract(p.model, must, may, received=d.received) as out:
         obj = flatness.Objective(p.model, loss_fn_for(p, d), d.value, **opts)
         n = obj.n
         theta = draw(st.sampled_from(["none", "vector", "numpy", "short", "list", "nan"]))
@@ -607,7 +666,7 @@ def test_fuzz_hessian_operator(data):
     p, d, opts, must, may = problem_and_data(draw)
     if d.nan:
         may |= {"data"}
-    with contract(p.model, must, may) as out:
+    with contract(p.model, must, may, received=d.received) as out:
         op = flatness.HessianOperator(p.model, loss_fn_for(p, d), d.value, **opts)
         n = op.shape[0]
         arg = draw(st.sampled_from(["tensor", "numpy", "wrong", "string"]))
@@ -643,7 +702,7 @@ def test_fuzz_curvature_operators(data):
         "fisher": flatness.FisherOperator,
         "empirical_fisher": flatness.EmpiricalFisherOperator,
     }
-    with contract(p.model, must, may) as out:
+    with contract(p.model, must, may, received=d.received) as out:
         if way == "function" or curvature not in classes:
             op = flatness.curvature_operator(p.model, loss_fn_for(p, d), d.value, curvature=curvature, **opts)
         else:
@@ -675,7 +734,10 @@ def test_fuzz_monitor(data):
     else:
         must |= m_bad
         m_opts["options"] = {"*": opts}
-    with contract(p.model, must, may) as out:
+    received = {n: m_opts[n] for n in m_bad}
+    if not (isinstance(measures, dict) or not measures):
+        received = {} if "epsilom" in opts else {**received, **d.received}
+    with contract(p.model, must, may, received=received) as out:
         mon = flatness.Monitor(loss_fn_for(p, d), d.value, **m_opts)
         out["result"] = [mon.step(p.model), mon.step(p.model)]
     if out["raised"] is None:
@@ -812,7 +874,7 @@ def test_fuzz_numerical_layer(data):
         fn_opts.setdefault("n_matvec", 4 if fn == "hutchpp" else 2)
     if fn == "slq_density":
         fn_opts.setdefault("n_steps", 3)
-    with contract(None, must, may) as out:
+    with contract(None, must, may, received={k: fn_opts[k] for k in bad}) as out:
         out["result"] = getattr(flatness, fn)(matvec, n, **fn_opts)
     if out["raised"] is None:
         check_result(out["result"], nan_ok=frozenset({"std_error"}))
@@ -865,3 +927,21 @@ def test_fuzz_models_have_valid_baselines(kind):
         out["result"] = flatness.Objective(p.model, p.loss_fn, (p.x, p.y)).loss()
     if out["raised"] is None:
         check_result(out["result"])
+
+
+def test_names_argument_needs_the_name_as_a_word():
+    # The contract's check itself: a substring proves nothing.
+    assert names_argument("k: got 0; expected an int >= 1", "k")
+    assert names_argument("expected k=1 or more", "k")
+    assert names_argument("the argument `v` has length 3", "v")
+    assert names_argument("'v' must be a vector", "v")
+    assert not names_argument("start='keskar' is not valid", "k")
+    assert not names_argument("the top-k eigenvalues", "k")
+    assert not names_argument("invalid values", "v")
+    assert not names_argument("max_batches: got 0", "batches")
+    assert not names_argument("dtype=torch.float64", "float64")
+    assert shows_value("epsilon: got -0.001; expected a number > 0", -1e-3)
+    assert shows_value("start: got 'lanczos'; expected one of", "lanczos")
+    assert shows_value("metrics: expected a dict, got str", "acc")
+    assert not shows_value("epsilon: expected a number > 0", -1e-3)
+    assert not shows_value("max_iter: expected an int >= 1", 0)  # "int" alone is not "got int"

@@ -11,8 +11,8 @@ operators and functions from ``(model, loss_fn, data)`` and calls these.
   tridiagonalization, sharing one Lanczos step;
 - :mod:`~flatness.algorithms.trace` — Hutchinson and Hutch++ trace estimators;
 - :mod:`~flatness.algorithms.density` — stochastic Lanczos quadrature;
-- :mod:`~flatness.algorithms.maximize` — box (L-BFGS-B) and ball maximizers, and the curvature
-  vertex that starts the box maximizer;
+- :mod:`~flatness.algorithms.maximize` — box (L-BFGS-B) and ball maximizers, and the vertex
+  search (and the curvature vertex) that starts the box maximizer;
 - :mod:`~flatness.algorithms._linalg` — the operator protocol and :class:`VectorSpace`, the one
   place where vectors are combined (dot products, norms, random vectors).
 """
@@ -20,7 +20,13 @@ operators and functions from ``(model, loss_fn, data)`` and calls these.
 from flatness.algorithms._linalg import LinearOperator, Operator, VectorSpace, as_operator
 from flatness.algorithms.density import DensityResult, slq_density
 from flatness.algorithms.lanczos import LanczosResult, lanczos_eigsh, lanczos_step, lanczos_tridiagonal
-from flatness.algorithms.maximize import MaximizeResult, curvature_vertex, maximize_ball, maximize_box
+from flatness.algorithms.maximize import (
+    MaximizeResult,
+    curvature_vertex,
+    maximize_ball,
+    maximize_box,
+    vertex_search,
+)
 from flatness.algorithms.trace import TraceResult, hutchinson, hutchpp, trace_estimate
 
 __all__ = [
@@ -42,4 +48,5 @@ __all__ = [
     "maximize_box",
     "slq_density",
     "trace_estimate",
+    "vertex_search",
 ]

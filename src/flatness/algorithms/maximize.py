@@ -21,7 +21,7 @@ from scipy.optimize import Bounds, minimize
 from flatness._blas import single_threaded_blas
 from flatness.results import Result
 
-__all__ = ["MaximizeResult", "curvature_vertex", "maximize_ball", "maximize_box"]
+__all__ = ["MaximizeResult", "curvature_vertex", "maximize_ball", "maximize_box", "vertex_search"]
 
 FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
@@ -259,6 +259,227 @@ def curvature_vertex(
         u = q.T @ vecs[:, -1]
     signs = np.where(u[:n] < 0, -1.0, 1.0)
     return (-signs if u[n] < 0 else signs), used
+
+
+_MODEL_FLOATS = 250_000  # n × candidate columns, at most (at least 6 columns)
+
+
+class _SubspaceModel:
+    """m(s) = g̃ᵀs + ½ sᵀ M̂ s, M̂ = W Qᵀ + Q Wᵀ − Q (QᵀW) Qᵀ: exact on span(Q) (W = M Q known).
+
+    M̂ agrees with M on every product with a vector of span(Q); off span(Q) it is σ(I − QQᵀ),
+    an isotropic guess (σ = 0: the block is dropped, and for M ⪰ 0 m bounds the quadratic
+    from below).
+    """
+
+    def __init__(self, gt: np.ndarray) -> None:
+        self.gt = gt
+        self.q = np.zeros((gt.shape[0], 0))
+        self.w = np.zeros((gt.shape[0], 0))
+        self.sigma = 0.0  # M̂ += σ (I − Q Qᵀ): an isotropic guess of M off span(Q)
+        self._qw: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return self.q.shape[1]
+
+    def add(self, v: np.ndarray, mv: np.ndarray) -> bool:
+        """Add the direction v with its image M v (orthogonalized against the basis, twice)."""
+        c = np.zeros(self.k)
+        r = v.astype(np.float64, copy=True)
+        for _ in range(2):
+            d = self.q.T @ r
+            r -= self.q @ d
+            c += d
+        beta = float(np.linalg.norm(r))
+        if not beta > 1e-10 * max(float(np.linalg.norm(v)), 1e-300) or not np.all(np.isfinite(mv)):
+            return False
+        self.q = np.column_stack([self.q, r / beta])
+        self.w = np.column_stack([self.w, (mv - self.w @ c) / beta])
+        return True
+
+    def t(self) -> np.ndarray:
+        t = self.q.T @ self.w
+        return (t + t.T) / 2
+
+    def apply(self, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """M̂ s for the columns of s (n × c): W c + Q (Wᵀs − T c − σ c) + σ s, c = Qᵀs."""
+        k = self.k
+        if self._qw is None or self._qw.shape[1] != 2 * k:
+            self._qw = np.concatenate([self.q, self.w], axis=1)
+        cd = self._qw.T @ s  # [Qᵀs; Wᵀs]: one pass over the n × 2k basis
+        c = cd[:k]
+        out = self._qw @ np.concatenate([cd[k:] - t @ c - self.sigma * c, c])
+        if self.sigma:
+            out += self.sigma * s
+        return out
+
+    def values(self, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(m(s_j), ∇m(s_j)) for the columns s_j of s."""
+        ms = self.apply(s, t)
+        return self.gt @ s + 0.5 * np.einsum("ij,ij->j", s, ms), self.gt[:, None] + ms
+
+    def ascend(self, s: np.ndarray, t: np.ndarray, rounds: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        """Sign iteration s ← sign(∇m(s)) per column, a step kept where m rises."""
+        val, grad = self.values(s, t)
+        for _ in range(rounds):
+            new = np.where(grad < 0, -1.0, 1.0)
+            if np.array_equal(new, s):
+                break
+            nval, ngrad = self.values(new, t)
+            better = nval > val
+            if not np.any(better):
+                break
+            s = np.where(better[None, :], new, s)
+            val = np.where(better, nval, val)
+            grad = np.where(better[None, :], ngrad, grad)
+        return s, val
+
+
+def vertex_search(
+    f_and_grad: FunAndGrad,
+    half: np.ndarray,
+    *,
+    g0: np.ndarray,
+    z0: np.ndarray,
+    steps: int,
+    probes: int,
+    rng: np.random.Generator,
+    draws: int = 32,
+) -> tuple[np.ndarray, int]:
+    """A point of the box |x_i| ≤ half_i (a vertex unless the model is indefinite) where f is large.
+
+    .. math::
+        \\max_{s \\in [-1, 1]^n} m(s) = \\tilde g^\\top s + \\tfrac12 s^\\top \\hat M s,
+        \\qquad \\tilde g = E g_0,\\ E = \\mathrm{diag}(\\text{half}),\\ \\hat M \\approx M = E H E
+
+    ``steps`` Lanczos steps from z0 give a basis Q and the products M Q, each from one
+    gradient: M z ≈ E (∇f(E z / ‖z‖∞) − g₀) ‖z‖∞, a secant across the box (exact for a
+    quadratic). M̂ agrees with M on span(Q) (M̂ = W Qᵀ + Q Wᵀ − Q QᵀW Qᵀ, W = M Q) and is
+    σ(I − QQᵀ) off it, σ ≥ 0 the rest of the trace estimated from z0's Rayleigh quotient
+    (n·q₁ᵀMq₁ − tr QᵀMQ)/(n − k). Candidates, all on the model (no evaluations): the sign
+    vectors of the Ritz vectors, of ``draws`` Gaussian combinations of them weighted by √θ
+    (Goemans–Williamson rounding), of the points seen and their mirrors, each improved by the
+    sign iteration s ← sign(∇m(s)) (kept where m rises; monotone where M̂ ⪰ 0); where the
+    model is indefinite, L-BFGS-B on m from the 4 best (a maximum may lie inside a face).
+    Then, ``probes`` times at most, f is evaluated at the model's best point if it is new (its
+    gradient there, M s, joins the model: it is then exact at every point seen, and the true
+    sign iteration is part of the search), else the model grows by one Lanczos direction (the
+    part of M u off span(Q), u its top Ritz vector). Model work: O(n k (draws + k)) per probe.
+
+    Args:
+        f_and_grad: ``f_and_grad(x) -> (f(x), ∇f(x))``; called ``steps + probes`` times at most.
+        half: the box's half-widths (> 0).
+        g0: ∇f at the box's centre x = 0.
+        z0: the Lanczos start (e.g. the gradient-sign vertex; then the first call is there).
+        steps: Lanczos steps (evaluations).
+        probes: further evaluations, at the model's best points or extending the model.
+        rng: draws the random combinations.
+        draws: random combinations per probe.
+
+    Returns:
+        ``(s, evaluations)``: the best point evaluated (by f, in units of ``half``: the box is
+        [−1, 1]ⁿ; z0's sign vector where none was) and the calls made.
+    """
+    half = _vector("half", half)
+    n = half.shape[0]
+    g0 = _vector("g0", g0, n)
+    gt = half * g0
+    model = _SubspaceModel(gt)
+    symmetric = not np.any(gt)  # at a minimum m(−s) = m(s): a vertex stands for its mirror
+    used = 0
+
+    def image(z: np.ndarray) -> tuple[np.ndarray | None, float | None]:
+        nonlocal used
+        scale = float(np.max(np.abs(z)))
+        if not (scale > 0 and math.isfinite(scale)):
+            return None, None
+        f, g = f_and_grad(half * (z / scale))
+        used += 1
+        mz = half * (np.asarray(g, dtype=np.float64).reshape(-1) - g0) * scale
+        return (mz if np.all(np.isfinite(mz)) else None), float(f)
+
+    def polish(s: np.ndarray, val: np.ndarray, t: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+        """An indefinite model can peak inside a face: L-BFGS-B on m from the best vertices."""
+        best_j = int(np.argmax(val))
+        point, value = s[:, best_j], float(val[best_j])
+
+        def fg(y: np.ndarray) -> tuple[float, np.ndarray]:
+            v, g = model.values(y[:, None], t)
+            return float(v[0]), g[:, 0]
+
+        for j in np.argsort(-val, kind="stable")[:count]:
+            res = maximize_box(fg, -np.ones(n), np.ones(n), x0=s[:, j], max_iter=30, ftol=1e-12, gtol=1e-12)
+            if res.fun > value + 1e-12 * abs(value):
+                point, value = res.x, res.fun
+        return point, value
+
+    z = _vector("z0", z0, n).astype(np.float64, copy=True)
+    best_s = np.where(z < 0, -1.0, 1.0)
+    best_f = -math.inf
+    seen: list[np.ndarray] = []
+    # Lanczos (full reorthogonalization): every product extends the model.
+    for _ in range(max(0, int(steps))):
+        if model.k >= n:
+            break
+        mz, f = image(z)
+        if mz is None or not model.add(z, mz):
+            break
+        if np.all(np.abs(z) == np.max(np.abs(z))):  # a vertex: its value is known too
+            v = np.where(z < 0, -1.0, 1.0)
+            seen.append(v)
+            if f is not None and f > best_f:
+                best_f, best_s = f, v
+        z = model.w[:, -1] - model.q @ (model.q.T @ model.w[:, -1])
+        if not float(np.linalg.norm(z)) > 0:
+            break
+    for _ in range(max(0, int(probes))):
+        if model.k == 0:
+            break
+        t = model.t()
+        theta, y = np.linalg.eigh(t)
+        if model.k < n:
+            model.sigma = max(0.0, (n * t[0, 0] - float(np.trace(t))) / (n - model.k))
+        ritz = model.q @ y[:, ::-1]
+        weights = np.sqrt(np.maximum(theta[::-1], 0.0))
+        # Candidate columns: the model's work is O(n k width) per sign-iteration round, so
+        # for large n the random draws give way first, then the Ritz vectors.
+        width = max(6, _MODEL_FLOATS // n)
+        per = width if symmetric else width // 2  # away from a minimum the mirrors count too
+        s = np.column_stack([best_s, *seen[-3:], ritz[:, : min(model.k, 8)]])[:, :per]
+        room = min(int(draws), per - s.shape[1])
+        if room > 0 and weights[0] > 0:
+            s = np.column_stack([s, ritz @ (weights[:, None] * rng.standard_normal((model.k, room)))])
+        s = np.where(s < 0, -1.0, 1.0)
+        if not symmetric:
+            s = np.concatenate([s, -s], axis=1)
+        s, val = model.ascend(s, t)
+        keys = np.packbits(s > 0, axis=0)  # the sign vectors, 8 to a byte: drop duplicates
+        first = sorted({keys[:, j].tobytes(): j for j in range(s.shape[1] - 1, -1, -1)}.values())
+        s, val = s[:, first], val[first]
+        if theta[0] < -1e-12 * max(float(np.max(np.abs(theta))), 1e-300):
+            pick, _ = polish(s, val, t, min(4, max(1, width // 16)))
+        else:
+            pick = s[:, int(np.argmax(val))]
+        if any(np.array_equal(pick, v) or (symmetric and np.array_equal(pick, -v)) for v in seen):
+            # The model's best point was evaluated: extend the model instead, by the part of
+            # M u off span(Q) for the top Ritz vector u (the next Lanczos direction).
+            if model.k >= n:
+                break
+            r = model.w @ y[:, -1]
+            r -= model.q @ (model.q.T @ r)
+            r -= model.q @ (model.q.T @ r)
+            mz, _ = image(r)
+            if mz is None or not model.add(r, mz):
+                break
+            continue
+        mz, f = image(pick)
+        seen.append(pick)
+        if f is not None and f > best_f:
+            best_f, best_s = f, pick
+        if mz is None or not model.add(pick, mz):
+            break
+    return best_s, used
 
 
 def _find_setulb() -> Callable[..., Any] | None:

@@ -57,6 +57,8 @@ def _coords(values: Any, name: str) -> np.ndarray:
         )
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name}: expected a 1-D sequence of numbers, got {type(values).__name__}") from e
+    if arr.ndim == 0:
+        raise ValueError(f"{name}: got the scalar {values!r}; expected a 1-D sequence of numbers")
     if arr.ndim != 1:
         raise ValueError(f"{name}: got an array of shape {arr.shape}; expected a 1-D sequence of numbers")
     if arr.size == 0:
