@@ -261,3 +261,14 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
 @pytest.fixture
 def ce():
     return nn.functional.cross_entropy
+
+
+def collate_lm(seqs):
+    """Right-padded dict batch: pad id 0, attention mask 0 and label -100 at the pads."""
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (s, lab) in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, lab
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

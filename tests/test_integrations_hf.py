@@ -21,6 +21,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from conftest import collate_lm as collate
 from conftest import dense_hessian_oracle
 from flatness import HessianOperator, Objective
 from flatness.integrations.huggingface import FlatnessTrainerCallback, lm_loss
@@ -61,17 +62,6 @@ def sequences(kind: str, seed: int = 0):
             labels[0] = ids[0]  # at least one predicted token per sequence
         out.append((ids, labels))
     return out
-
-
-def collate(seqs):
-    """Right-padded dict batch: pad id 0, attention mask 0 and label -100 at the pads."""
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (s, lab) in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, lab
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batches(kind: str):

@@ -19,6 +19,7 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from conftest import assert_untouched, dense_hessian_oracle, dense_jacobian_oracle, snapshot
+from conftest import collate_lm as collate
 from flatness import curvature_operator, hessian_topk
 from flatness.integrations.huggingface import lm_loss
 
@@ -62,17 +63,6 @@ def sequences(kind: str):
             labels[3] = -100  # a prompt token not trained on
         out.append((ids, labels))
     return out
-
-
-def collate(seqs):
-    """Right-padded dict batch: pad id 0, attention mask 0 and label -100 at the pads."""
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (s, lab) in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, lab
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batches(kind: str):
