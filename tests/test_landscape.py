@@ -565,3 +565,15 @@ def test_options_forwarded_and_progress():
     assert seen == [(2, 5), (4, 5), (5, 5)]
     with torch.no_grad():
         assert r.center_loss == pytest.approx(float(ce(model(x[:10]), y[:10])))
+
+
+def test_landscape_2d_takes_the_largest_seed_and_names_one_out_of_range():
+    """The second direction's seed is seed + 1 (modulo 2**63): seed = 2**63 - 1 is valid, 2**63 is not."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    grid = dict(alphas=torch.linspace(-1, 1, 3), betas=torch.linspace(-1, 1, 3))
+    top = landscape_2d(model, ce, data, **grid, seed=2**63 - 1)
+    assert torch.isfinite(top.loss).all()
+    with pytest.raises(ValueError, match=r"^seed: got 9223372036854775808"):
+        landscape_2d(model, ce, data, **grid, seed=2**63)

@@ -22,6 +22,7 @@ from flatness import _fsdp as fsdp
 from flatness._fsdp import ShardedObjective
 from flatness._guard import model_guard
 from flatness._progress import Progress, ProgressArg
+from flatness._validate import MAX_SEED
 from flatness.landscape.directions import (
     Normalization,
     _check_direction,
@@ -464,7 +465,7 @@ def landscape_2d(
 
     Li, Xu, Taylor, Studer, Goldstein, 2018, arXiv 1712.09913 (filter-normalized random
     directions, Fig. 1; PCA directions of a trajectory, §7). Random directions use seeds
-    ``seed`` and ``seed + 1``. On a quadratic f is the quadratic form in (α, β) with the
+    ``seed`` and ``seed + 1`` (modulo 2**63). On a quadratic f is the quadratic form in (α, β) with the
     2×2 matrix [dᵢᵀHdⱼ] plus the linear term.
 
     Args:
@@ -515,7 +516,7 @@ def landscape_2d(
                 obj,
                 normalization=normalization,
                 ignore_1d=ignore_1d,
-                seed=seed + i,
+                seed=(seed + i) % (MAX_SEED + 1),  # seed = 2**63 - 1 wraps to 0, not out of range
                 params=params,
                 what=f"directions[{i}]",
             )
