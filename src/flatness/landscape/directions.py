@@ -45,10 +45,8 @@ def _check_normalization(normalization: Any) -> None:
 
 
 def _check_seed(seed: Any) -> int:
-    """``seed`` as a Python int (NumPy integers accepted); a TypeError naming it otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int, got {seed!r}")
-    return int(seed)
+    """``seed`` as a Python int in [0, 2**63 − 1] (the library's one seed rule)."""
+    return check_seed(seed)
 
 
 def _named(model: nn.Module, params: ParamSpec) -> list[tuple[str, torch.Tensor]]:
