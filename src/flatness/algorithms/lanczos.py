@@ -525,7 +525,8 @@ def lanczos_eigsh(
             full = C[: j + 1, :j] @ Sw
             full[:j] -= Sw * theta[want]
             est = np.sqrt((full * full).sum(axis=0))
-            bar.update(1, rel_residual=float((est / floor).max()))
+            # (a zero operator has floor 0 and residual 0: report 0, not 0/0)
+            bar.update(1, rel_residual=float((est / np.where(floor > 0, floor, 1.0)).max()))
 
             invariant = beta <= eps**0.75 * max(scale, 1e-300)
             left = budget - n_mv - reserve  # Lanczos steps still affordable
