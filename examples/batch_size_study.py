@@ -695,7 +695,7 @@ def figures(out: Path, cfg: Config, runs: list[dict], corr: dict) -> None:
 
     def log_y(ax: Any) -> None:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5)))  # ≥ 3 labels on a one-decade axis
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -798,7 +798,7 @@ def figures(out: Path, cfg: Config, runs: list[dict], corr: dict) -> None:
             ax.set_ylabel("λ₁ of the layer's Hessian block")
             ax.set_title(f"{arch.upper()}, {PROTOCOL_STYLE[protocol][0]}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, title="layer", title_fontsize=7)
+            ax.legend(fontsize=7, title="layer", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("Per-layer sharpness against batch size (line: median over seeds; dots: seeds)")
     fig.tight_layout()
     fig.savefig(out / "layers.png", dpi=80)
@@ -871,7 +871,20 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> dict[str, 
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     parser.add_argument("--archs", default=None, help="comma-separated: mlp,cnn (default both)")
     parser.add_argument("--protocols", default=None, help="comma-separated: epochs,loss (default both)")
+    parser.add_argument(
+        "--redraw",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only redraw the figures of a saved results.json",
+    )
     args = parser.parse_args(argv)
+    if args.redraw is not None:
+        saved = json.loads(Path(args.redraw).read_text())
+        conf = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        figures(out, Config(**conf), saved["runs"], saved["correlations"])
+        return saved
     if cfg is None:
         cfg = Config.quick(args.device) if args.quick else Config(device=args.device)
     if args.seeds is not None:

@@ -151,3 +151,14 @@ def test_small_sweep_end_to_end(study, tmp_path):
     assert results["correlations"]["gap"] == saved["gap"]
     report = (tmp_path / "README.md").read_text()
     assert "## Rank correlation with the gap" in report and "torch" in report and "](tau.png)" in report
+
+
+def test_redraw_draws_every_figure_from_a_saved_results_json(study, tmp_path):
+    """results.json keeps what the figures need: --redraw rebuilds all four from the bundled run."""
+    pytest.importorskip("matplotlib")
+    saved = Path(__file__).parent.parent / "docs" / "study" / "results.json"
+    out = tmp_path / "figs"
+    study.main(["--redraw", str(saved), "--out", str(out)])
+    names = {"sweep.png", "tau.png", "layers.png", "sharpness_vs_gap.png"}
+    assert {p.name for p in out.iterdir()} == names
+    assert all((out / n).stat().st_size > 10_000 for n in names)
