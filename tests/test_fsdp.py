@@ -445,12 +445,7 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
     from flatness.algorithms import slq_density, trace_estimate
     from flatness.sharpness import _Evaluator  # noqa: F401  (the same module is used by the ranks)
 
-    model = make_model()
-    torch.manual_seed(1)
-    model_b = make_model()
-    with torch.no_grad():
-        for p in model_b.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    model, model_b = _two_models()
     ranks = run_ranks(tmp_path, "model_level", {"a": model.state_dict(), "b": model_b.state_dict()})
     x, y = make_data()
     data = shard(x, y, 0) + shard(x, y, 1)  # the same batches as the two ranks together
