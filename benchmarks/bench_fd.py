@@ -10,7 +10,7 @@ dtype, the model's weights are rounded to the dtype and the reference is the exa
 1e-10 and the products H v. Printed: the relative error of ``hvp_mode="finite_difference"``
 products and top-5 eigenvalues, and for comparison the exact double-backward mode run in the
 same dtype (Lanczos tol 1e-8 / 1e-4 / 1e-2 for float64 / float32 / bfloat16, at most 150 products).
-For the finite-difference rows also the non-smoothness guard (flatness._fd.KinkGuard): its
+For the finite-difference rows also the non-smoothness guard (flatness.objective._fd.KinkGuard): its
 threshold τ, its largest ratio ‖g₊ + g₋ − 2g₀‖/‖g₊ − g₋‖ over the three products and over the
 top-5 run's products (until it warns), and whether it warned there (after how many products).
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import small_mlp_problem
 
 import flatness
-from flatness._fd import KinkGuard, NonSmoothWarning
+from flatness.objective._fd import KinkGuard, NonSmoothWarning
 
 F = nn.functional
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flatness import Objective
-from flatness._data import batch_size_of
+from flatness.objective._data import batch_size_of
 
 
 def test_the_rule():

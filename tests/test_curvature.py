@@ -313,10 +313,10 @@ def test_algorithm_layer_imports_nothing_of_the_model_layer():
         "flatness.landscape",
         "flatness.sharpness",
         "flatness.monitor",
-        "flatness._data",
-        "flatness._guard",
-        "flatness._params",
-        "flatness._dist",
+        "flatness.objective._data",
+        "flatness.objective._guard",
+        "flatness.objective._params",
+        "flatness.objective._dist",
         "torch.nn",
     }
     root = pathlib.Path(__file__).parents[1] / "src" / "flatness" / "algorithms"

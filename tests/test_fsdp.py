@@ -109,7 +109,7 @@ def same_state(a, b):
 
 
 def _core(rank, state_dict):
-    from flatness._fsdp import ShardedObjective, ShardedVectorSpace
+    from flatness.objective._fsdp import ShardedObjective, ShardedVectorSpace
 
     model = make_model()
     model.load_state_dict(state_dict)
@@ -176,7 +176,7 @@ def _sharded(state_dict, dtype=torch.float64):
 
 def _model_level(rank, state_dicts):
     import flatness
-    from flatness._fsdp import ShardedObjective
+    from flatness.objective._fsdp import ShardedObjective
 
     x, y = make_data()
     data = shard(x, y, rank)
@@ -286,7 +286,7 @@ def _outcome(call):
 def _replay_calls(model, model_b, data):
     """Every model-level function of a sharded model, each making several passes over ``data``."""
     import flatness
-    from flatness._fsdp import ShardedObjective
+    from flatness.objective._fsdp import ShardedObjective
 
     c = torch.linspace(-0.5, 0.5, 3)
     ce = F.cross_entropy
@@ -330,7 +330,7 @@ def _replay(rank, state_dicts):
     c = torch.linspace(-0.5, 0.5, 3)
     out["single_pass"] = _outcome(lambda: flatness.landscape_1d(model, F.cross_entropy, both, alphas=c).loss)
     # Errors while fetching a batch on one rank: every rank raises (none waits in a collective).
-    from flatness._fsdp import ShardedObjective
+    from flatness.objective._fsdp import ShardedObjective
 
     mine = shard(x, y, rank)
     empty = [*mine[:1], (x[:0], y[:0]), *mine[1:]] if rank == 1 else mine
@@ -382,7 +382,7 @@ def rel(a, b):
 
 def test_sharded_objective_equals_one_process(tmp_path):
     import flatness
-    from flatness._fsdp import ShardedVectorSpace
+    from flatness.objective._fsdp import ShardedVectorSpace
 
     model = make_model()
     ranks = run_ranks(tmp_path, "core", model.state_dict())
@@ -428,7 +428,7 @@ class _OneProcess:
     """The unsharded model's exact Hessian with the sharded space's random vectors (one range)."""
 
     def __init__(self, obj):
-        from flatness._fsdp import ShardedVectorSpace
+        from flatness.objective._fsdp import ShardedVectorSpace
 
         self.obj = obj
         self.shape = (obj.n, obj.n)
@@ -513,8 +513,8 @@ def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
 
 def test_sharded_space_in_one_process():
     """The space's draws, orthonormalization and the algorithms on it, without a process group."""
-    from flatness._fsdp import ShardedVectorSpace
     from flatness.algorithms import hutchpp, lanczos_eigsh
+    from flatness.objective._fsdp import ShardedVectorSpace
 
     n = 37
     whole = ShardedVectorSpace([(0, n)], n, dtype=torch.float64)
@@ -660,7 +660,7 @@ def masked_size(batch):
 def _options(rank, state_dict):
     """Replayable shuffling loaders, batch_size=, reduction='sum', max_batches on 2 ranks."""
     import flatness
-    from flatness._fsdp import ShardedObjective
+    from flatness.objective._fsdp import ShardedObjective
     from flatness.sharpness import _sharded_subspace
 
     x, y = make_data()

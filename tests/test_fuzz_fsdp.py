@@ -101,7 +101,7 @@ def _differs(case, rank):
 
 def _measure(case, model, data):
     import flatness
-    from flatness._fsdp import ShardedObjective
+    from flatness.objective._fsdp import ShardedObjective
 
     opts = {"reduction": case["reduction"], "max_batches": case["max_batches"]}
     what = case["what"]
@@ -128,7 +128,7 @@ def _fuzz(rank, payload):
     for case in payload["cases"]:
         data, seen = _source(case, rank)
         out["cases"].append((fs._outcome(lambda: _measure(case, model, data)), seen))  # noqa: B023
-    from flatness._fsdp import ShardedObjective
+    from flatness.objective._fsdp import ShardedObjective
 
     obj = ShardedObjective(model, F.cross_entropy, fs.shard(*fs.make_data(), rank))
     out["ranges"], out["n"] = obj.space.ranges, obj.n
@@ -199,7 +199,7 @@ def _check(case, ranks, outcomes, model):
             assert fs.rel(_full(ranks, [v0[i], v1[i]]), expected) < 1e-12, case
     elif what == "hvp":
         # The same v as the ranks drew (Philox by entry, any number of ranks).
-        from flatness._fsdp import ShardedVectorSpace
+        from flatness.objective._fsdp import ShardedVectorSpace
 
         n = ranks[0]["n"]
         v = ShardedVectorSpace([(0, n)], n, dtype=torch.float64).randn(torch.Generator().manual_seed(4))

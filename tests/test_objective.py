@@ -597,7 +597,7 @@ def test_forward_ad_gaps_still_fall_back(curvature):
 
 def test_forward_ad_gap_messages_are_torchs():
     """The phrases the fallback matches are what this torch raises."""
-    from flatness._fd import forward_ad_unsupported
+    from flatness.objective._fd import forward_ad_unsupported
 
     x = torch.randn(3, dtype=torch.float64)
     caught = []

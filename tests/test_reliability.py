@@ -132,7 +132,7 @@ def test_replaying_loaders_are_not_reported():
 
 def test_fingerprint_sees_flips_within_a_batch():
     # A flip keeps every sum: the fingerprint is position-sensitive.
-    from flatness._data import _fingerprint, _same_prints
+    from flatness.objective._data import _fingerprint, _same_prints
 
     x = torch.arange(12.0).reshape(3, 4)
     assert not _same_prints(_fingerprint((x, x)), _fingerprint((x.flip(1), x)))
@@ -288,7 +288,7 @@ class Indexed(Dataset):
 
 
 def _indices_seen(loader) -> list[int]:
-    from flatness._data import DataSource
+    from flatness.objective._data import DataSource
 
     return [int(v) for x, _ in DataSource(loader) for v in x.reshape(-1)]
 

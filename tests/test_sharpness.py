@@ -687,7 +687,7 @@ def test_maximize_box_same_result_with_scipy_minimize(monkeypatch):
 def test_single_threaded_blas_restores_thread_counts():
     import scipy.optimize  # noqa: F401  (loads SciPy's OpenBLAS next to NumPy's)
 
-    from flatness._blas import _controls, _loaded_openblas, single_threaded_blas
+    from flatness._utils.blas import _controls, _loaded_openblas, single_threaded_blas
 
     libs = [c for c in map(_controls, _loaded_openblas()) if c is not None]
     if not libs:

@@ -1,6 +1,5 @@
 """flatness: how sharp or flat is a trained network's loss minimum?"""
 
-from flatness._fd import NonSmoothWarning
 from flatness.landscape import (
     eigen_directions,
     interpolate,
@@ -11,7 +10,8 @@ from flatness.landscape import (
     random_direction,
 )
 from flatness.monitor import Monitor
-from flatness.objective import NonFiniteLossError, NoSecondDerivativeError, Objective
+from flatness.objective._fd import NonSmoothWarning
+from flatness.objective._objective import NonFiniteLossError, NoSecondDerivativeError, Objective
 from flatness.operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatness._guard import model_guard
+from flatness.objective._guard import model_guard
 
 __all__ = ["BUILTIN_MEASURES", "Monitor"]
 
@@ -45,13 +45,13 @@ RESERVED = ("step", "time_s", "two_over_lr", "epoch")
 
 
 def _loss(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness.objective import Objective
+    from flatness.objective._objective import Objective
 
     return float(Objective(model, loss_fn, data, **options).loss()), None
 
 
 def _grad_norm(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness.objective import Objective
+    from flatness.objective._objective import Objective
 
     return float(Objective(model, loss_fn, data, **options).grad().norm()), None
 
@@ -144,7 +144,7 @@ def _parse_measures(measures: Any) -> dict[str, Measure | str]:
 
 def _shared_keywords() -> list[str]:
     """The keywords every flatness function takes: :class:`flatness.Objective`'s options."""
-    from flatness.objective import Objective
+    from flatness.objective._objective import Objective
 
     params = inspect.signature(Objective.__init__).parameters.values()
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
@@ -189,7 +189,7 @@ Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
 def _layout(model: nn.Module, options: Mapping[str, Any]) -> Layout | None:
     """(name, shape) of the parameters a measure differentiates (``params``), or None if unknown."""
-    from flatness._params import select_params, unwrap
+    from flatness.objective._params import select_params, unwrap
 
     try:
         chosen = select_params(unwrap(model), options.get("params"))

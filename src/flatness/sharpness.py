@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatness._fsdp import ShardedObjective, make_objective, unsupported
-from flatness._guard import model_guard
-from flatness._progress import Progress, ProgressArg
-from flatness._validate import check_int, check_positive, check_seed
+from flatness._utils.progress import Progress, ProgressArg
+from flatness._utils.validate import check_int, check_positive, check_seed
 from flatness.algorithms.maximize import MaximizeResult, maximize_ball, maximize_box, vertex_search
-from flatness.objective import NonFiniteLossError, Objective, check_options
+from flatness.objective._fsdp import ShardedObjective, make_objective, unsupported
+from flatness.objective._guard import model_guard
+from flatness.objective._objective import NonFiniteLossError, Objective, check_options
 from flatness.results import Result
 
 __all__ = [

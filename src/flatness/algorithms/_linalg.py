@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from flatness._validate import check_positive, check_seed
+from flatness._utils.validate import check_positive, check_seed
 
 __all__ = [
     "LinearOperator",

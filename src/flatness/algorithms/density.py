@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from flatness._progress import Progress, ProgressArg
-from flatness._validate import check_positive
+from flatness._utils.progress import Progress, ProgressArg
+from flatness._utils.validate import check_positive
 from flatness.algorithms._linalg import as_operator, generator
 from flatness.algorithms.lanczos import lanczos_tridiagonal, resolve_basis_device
 from flatness.results import Result

@@ -37,8 +37,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from flatness._progress import Progress, ProgressArg
-from flatness._validate import check_choice, check_positive
+from flatness._utils.progress import Progress, ProgressArg
+from flatness._utils.validate import check_choice, check_positive
 from flatness.algorithms._linalg import Operator, VectorSpace, as_operator, generator
 from flatness.results import Result
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, minimize
 
-from flatness._blas import single_threaded_blas
+from flatness._utils.blas import single_threaded_blas
 from flatness.results import Result
 
 __all__ = ["MaximizeResult", "curvature_vertex", "maximize_ball", "maximize_box", "vertex_search"]

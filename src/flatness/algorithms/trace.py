@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-from flatness._progress import Progress, ProgressArg
-from flatness._validate import check_choice, check_positive
+from flatness._utils.progress import Progress, ProgressArg
+from flatness._utils.validate import check_choice, check_positive
 from flatness.algorithms._linalg import Operator, as_operator, generator
 from flatness.results import Result
 

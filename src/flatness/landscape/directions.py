@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatness._params import ParamLayout, ParamSpec, select_params, unwrap
-from flatness._validate import check_seed
+from flatness._utils.validate import check_seed
+from flatness.objective._params import ParamLayout, ParamSpec, select_params, unwrap
 from flatness.results import Result
 
 __all__ = [

@@ -18,11 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatness import _fsdp as fsdp
-from flatness._fsdp import ShardedObjective
-from flatness._guard import model_guard
-from flatness._progress import Progress, ProgressArg
-from flatness._validate import MAX_SEED
+from flatness._utils.progress import Progress, ProgressArg
+from flatness._utils.validate import MAX_SEED
 from flatness.landscape.directions import (
     Normalization,
     _check_direction,
@@ -39,7 +36,10 @@ from flatness.landscape.result import (
     LandscapeResult,
     load_landscape,
 )
-from flatness.objective import Objective, check_options
+from flatness.objective import _fsdp as fsdp
+from flatness.objective._fsdp import ShardedObjective
+from flatness.objective._guard import model_guard
+from flatness.objective._objective import Objective, check_options
 
 __all__ = ["accuracy", "interpolate", "landscape_1d", "landscape_2d"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from flatness._fsdp import is_sharded, make_objective
-from flatness._validate import check_choice
+from flatness._utils.validate import check_choice
+from flatness.objective._fsdp import is_sharded, make_objective
 from flatness.operators._base import CurvatureOperator
 from flatness.operators.empirical_fisher import EmpiricalFisherOperator
 from flatness.operators.fisher import FisherOperator

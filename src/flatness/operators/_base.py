@@ -20,10 +20,10 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from flatness._fsdp import make_objective
-from flatness._params import ParamSpec
 from flatness.algorithms._linalg import VectorSpace
-from flatness.objective import Objective
+from flatness.objective._fsdp import make_objective
+from flatness.objective._objective import Objective
+from flatness.objective._params import ParamSpec
 
 __all__ = ["CurvatureOperator"]
 

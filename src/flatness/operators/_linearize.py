@@ -17,8 +17,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
 
-from flatness._fd import forward_ad_unsupported
-from flatness.objective import Objective, _math_attention
+from flatness.objective._fd import forward_ad_unsupported
+from flatness.objective._objective import Objective, _math_attention
 
 __all__ = ["Compute", "Linearized", "linearize"]
 

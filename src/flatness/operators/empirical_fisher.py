@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from flatness._data import batch_size_of
+from flatness.objective._data import batch_size_of
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
 

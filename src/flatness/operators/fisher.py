@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatness import _dist
-from flatness._validate import check_choice, check_positive, check_seed
-from flatness.objective import NonFiniteLossError
+from flatness._utils.validate import check_choice, check_positive, check_seed
+from flatness.objective import _dist
+from flatness.objective._objective import NonFiniteLossError
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
 from flatness.operators.ggn import output_hvp

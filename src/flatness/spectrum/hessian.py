@@ -16,10 +16,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from flatness._fsdp import unsupported
-from flatness._guard import model_guard
-from flatness._progress import ProgressArg
-from flatness._validate import check_choice, check_positive
+from flatness._utils.progress import ProgressArg
+from flatness._utils.validate import check_choice, check_positive
 from flatness.algorithms.density import DensityResult, slq_density
 from flatness.algorithms.lanczos import (
     LanczosResult,
@@ -30,7 +28,9 @@ from flatness.algorithms.lanczos import (
     lanczos_eigsh,
 )
 from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
-from flatness.objective import check_options
+from flatness.objective._fsdp import unsupported
+from flatness.objective._guard import model_guard
+from flatness.objective._objective import check_options
 from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
 from flatness.results import Result
 
@@ -76,7 +76,7 @@ class HessianTopK(LanczosResult):
 
     def eigenvector_dicts(self) -> list[dict[str, torch.Tensor]]:
         """The eigenvectors as parameter-shaped dicts keyed like ``model.named_parameters()``."""
-        from flatness._params import ParamLayout
+        from flatness.objective._params import ParamLayout
 
         layout = ParamLayout(self.names, self.shapes)
         return [layout.unflatten(vec) for vec in self.eigenvectors]

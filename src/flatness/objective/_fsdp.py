@@ -10,7 +10,7 @@ does their reductions (dot products and norms all-reduced over the mesh's group)
 random entries for the local ranges alone.
 
 :class:`ShardedObjective` evaluates the full-data loss, gradient and finite-difference
-Hessian-vector product (H v ≈ ‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h, see :mod:`flatness._fd`) by
+Hessian-vector product (H v ≈ ‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h, see :mod:`flatness.objective._fd`) by
 ordinary FSDP passes of the real module: the parameters' local shards are overwritten with θ's
 pieces, forward and backward run as in training (all-gather, reduce-scatter), and the shards,
 their ``.grad`` fields, the buffers and FSDP's gradient-reduction settings are restored
@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flatness import _dist
-from flatness._data import DataSource, batch_size_of, move_batch
-from flatness._fd import KinkGuard, fd_step
-from flatness._guard import model_guard, seed_everything
-from flatness._params import ParamSpec, select_params
-from flatness._validate import check_choice, check_loss_reduction, check_seed
+from flatness._utils.validate import check_choice, check_loss_reduction, check_seed
 from flatness.algorithms._linalg import VectorSpace
-from flatness.objective import BatchLoss, LossFn, NonFiniteLossError, _LossModule, _promote
+from flatness.objective import _dist
+from flatness.objective._data import DataSource, batch_size_of, move_batch
+from flatness.objective._fd import KinkGuard, fd_step
+from flatness.objective._guard import model_guard, seed_everything
+from flatness.objective._objective import BatchLoss, LossFn, NonFiniteLossError, _LossModule, _promote
+from flatness.objective._params import ParamSpec, select_params
 
 __all__ = ["ShardedObjective", "ShardedVectorSpace", "is_sharded", "make_objective", "random_direction"]
 
@@ -241,7 +241,7 @@ class ShardedObjective:
     its shards set to θ's; all ranks must call every method together. Ranks with fewer batches
     take part in the others' extra steps with zero weight, so the collectives stay matched.
     Every pass goes through one process's replay check (each rank's pass against its first,
-    :meth:`flatness._data.DataSource.end_pass`), agreed over the ranks in the pass's reduction.
+    :meth:`flatness.objective._data.DataSource.end_pass`), agreed over the ranks in the pass's reduction.
 
     Args:
         model: a model sharded with ``fully_shard`` on a 1-D device mesh (DTensor parameters).
@@ -384,7 +384,7 @@ class ShardedObjective:
         self.n_passes = 0
         self.last_vectorized: bool | None = False
         eps = max(torch.finfo(d).eps for d in self._compute_dtypes)
-        self._kinks = KinkGuard(self.space.norm, eps, sharded=True)  # see flatness._fd
+        self._kinks = KinkGuard(self.space.norm, eps, sharded=True)  # see flatness.objective._fd
         self._buffers = dict(model.named_buffers())
 
     def _find_compute_dtypes(self) -> list[torch.dtype]:
@@ -660,7 +660,7 @@ class ShardedObjective:
         _, g_minus = self._grad_pass(point, what)
         del point
         g_plus.sub_(g_minus)
-        # The non-smoothness guard (flatness._fd.KinkGuard), as in the one-process product.
+        # The non-smoothness guard (flatness.objective._fd.KinkGuard), as in the one-process product.
         if not self._kinks.warned:
             g0 = self._kinks.base_gradient(theta, self.grad)
             self._kinks.check(g_minus.mul_(2.0).add_(g_plus).sub_(g0, alpha=2.0), g_plus)
@@ -768,7 +768,7 @@ class ShardedObjective:
 # ---------------------------------------------------------------------------- model-level helpers
 def make_objective(model: nn.Module, loss_fn: Any = None, data: Any = None, **options: Any) -> Any:
     """:class:`ShardedObjective` for a model sharded with ``fully_shard``, else :class:`Objective`."""
-    from flatness.objective import Objective
+    from flatness.objective._objective import Objective
 
     check_not_fsdp1(model)
     if is_sharded(model):

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call runs
 
-from flatness._data import first_tensor
-from flatness.objective import Objective
+from flatness.objective._data import first_tensor
+from flatness.objective._objective import Objective
 
 __all__ = ["evaluate_many"]
 

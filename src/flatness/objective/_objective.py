@@ -13,7 +13,7 @@ Every other capability of flatness reaches the data only through :class:`Objecti
 model is evaluated with ``torch.func.functional_call`` on tensors of our own (grids swap
 the tensors in once per batch, by the same mechanism, and refill them per point), so its
 parameters and buffers are never written; modes, flags and random states are restored
-after every call (see :mod:`flatness._guard`).
+after every call (see :mod:`flatness.objective._guard`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module  # what functional_call runs
 
-from flatness import _dist
-from flatness._data import DataSource, batch_size_of, move_batch, tensors_of
-from flatness._fd import (
+from flatness._utils.validate import check_choice, check_loss_reduction, check_seed
+from flatness._utils.validate import check_options as _check_options
+from flatness.objective import _dist
+from flatness.objective._data import DataSource, batch_size_of, move_batch, tensors_of
+from flatness.objective._fd import (
     KinkGuard,
     NoSecondDerivativeError,
     _is_reentrant_checkpoint,
@@ -42,10 +44,8 @@ from flatness._fd import (
     forward_ad_unsupported,
     same_randomness,
 )
-from flatness._guard import model_guard, seed_everything
-from flatness._params import ParamLayout, ParamSpec, alias_map, select_params, unwrap
-from flatness._validate import check_choice, check_loss_reduction, check_seed
-from flatness._validate import check_options as _check_options
+from flatness.objective._guard import model_guard, seed_everything
+from flatness.objective._params import ParamLayout, ParamSpec, alias_map, select_params, unwrap
 
 __all__ = ["NoSecondDerivativeError", "NonFiniteLossError", "Objective", "ParamSpec", "check_options"]
 
@@ -198,7 +198,7 @@ class Objective:
             h = ε^(1/3) · max(1, ‖θ‖/√n) (:meth:`fd_step`), two gradient passes and no second
             derivatives, for models whose ops have none (custom ``autograd.Function`` s,
             reentrant checkpointing); relative error about ε^(2/3) on smooth losses (see
-            :mod:`flatness._fd`; not for ReLU / max-pooling networks, whose gradient jumps:
+            :mod:`flatness.objective._fd`; not for ReLU / max-pooling networks, whose gradient jumps:
             :class:`flatness.NonSmoothWarning` says so when a step crosses a kink, at the cost
             of one gradient pass per θ).
         data_seed: the seed every pass starts from, so shuffling loaders replay the same
@@ -274,7 +274,7 @@ class Objective:
         if reuse_graph != "auto" and not isinstance(reuse_graph, bool):
             raise TypeError(f"reuse_graph: expected True, False or 'auto', got {reuse_graph!r}")
 
-        from flatness._fsdp import check_not_fsdp1, is_sharded
+        from flatness.objective._fsdp import check_not_fsdp1, is_sharded
 
         check_not_fsdp1(model)
         if is_sharded(model):
@@ -282,7 +282,7 @@ class Objective:
                 "model: its parameters are sharded with fully_shard (DTensors), and Objective holds "
                 "whole vectors; the model-level functions (hessian_topk, hessian_trace, "
                 "hessian_density, sharpness, landscapes) and HessianOperator detect sharded models "
-                "themselves, and flatness._fsdp.ShardedObjective is the objective of one"
+                "themselves, and flatness.objective._fsdp.ShardedObjective is the objective of one"
             )
         self.model = unwrap(model)
         self.data = DataSource(data, max_batches=max_batches)
@@ -654,7 +654,7 @@ class Objective:
         """The finite-difference step h = ε^(1/3) · max(1, ‖θ‖/√n) along a unit vector.
 
         ε is the machine epsilon of the dtype the gradients are computed in (the lowest
-        precision among θ's parameters, or ``dtype``). See :mod:`flatness._fd` for the bound.
+        precision among θ's parameters, or ``dtype``). See :mod:`flatness.objective._fd` for the bound.
         """
         theta = self._theta(theta)
         norm = float(torch.linalg.vector_norm(theta, dtype=torch.float64))
@@ -689,7 +689,7 @@ class Objective:
             # g₊ + g₋ = 2 g₋ + (g₊ − g₋), for the guard's second difference.
             return loss, (g_plus, g_minus.mul_(2.0).add_(g_plus))
 
-        # The non-smoothness guard (flatness._fd.KinkGuard) until it has warned: ∇L(θ) once per θ.
+        # The non-smoothness guard (flatness.objective._fd.KinkGuard) until it has warned: ∇L(θ) once per θ.
         kinks = self._kinks
         guard = not kinks.warned
         g0 = kinks.base_gradient(theta, self._acc_grad) if guard else None
@@ -913,10 +913,10 @@ class Objective:
     def evaluate_many(self, thetas: Any, **options: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L(θ_i) and size-weighted metrics at k points in one pass over the data.
 
-        See :func:`flatness.landscape.evaluate.evaluate_many` (this method calls it with
+        See :func:`flatness.objective._evaluate.evaluate_many` (this method calls it with
         ``objective=self``); the landscape functions are built on it.
         """
-        from flatness.landscape.evaluate import evaluate_many
+        from flatness.objective._evaluate import evaluate_many
 
         return evaluate_many(self, thetas, **options)
 
