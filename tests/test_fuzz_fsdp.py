@@ -101,7 +101,7 @@ def _differs(case, rank):
 
 def _measure(case, model, data):
     import flatness
-    from flatness.objective._fsdp import ShardedObjective
+    from flatness import Objective as ShardedObjective
 
     opts = {"reduction": case["reduction"], "max_batches": case["max_batches"]}
     what = case["what"]
@@ -128,7 +128,7 @@ def _fuzz(rank, payload):
     for case in payload["cases"]:
         data, seen = _source(case, rank)
         out["cases"].append((fs._outcome(lambda: _measure(case, model, data)), seen))  # noqa: B023
-    from flatness.objective._fsdp import ShardedObjective
+    from flatness import Objective as ShardedObjective
 
     obj = ShardedObjective(model, F.cross_entropy, fs.shard(*fs.make_data(), rank))
     out["ranges"], out["n"] = obj.space.ranges, obj.n

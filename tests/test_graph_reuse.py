@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import flatness.objective as objective_module
+import flatness.objective._hvp as objective_module
 from conftest import (
     TinyTransformer,
     assert_untouched,
@@ -172,7 +172,7 @@ def test_graph_bytes_measures_what_the_graph_holds():
     x, y = classification_data(n=200, d=40)
     obj = Objective(model, F.cross_entropy, (x, y))
     leaf = obj.theta0.detach().requires_grad_(True)
-    loss = obj._batch_loss(leaf, (x, y))
+    loss = obj.backend.batch_loss(leaf, (x, y))
     (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
     held = objective_module.graph_bytes(g, {leaf.untyped_storage().data_ptr()})
     # At least g and the hidden activations (200 × 50) the second backward needs, in float64.

@@ -10,8 +10,7 @@ from flatness.landscape import (
     random_direction,
 )
 from flatness.monitor import Monitor
-from flatness.objective._fd import NonSmoothWarning
-from flatness.objective._objective import NonFiniteLossError, NoSecondDerivativeError, Objective
+from flatness.objective import NonFiniteLossError, NonSmoothWarning, NoSecondDerivativeError, Objective
 from flatness.operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,

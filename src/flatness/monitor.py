@@ -45,15 +45,16 @@ RESERVED = ("step", "time_s", "two_over_lr", "epoch")
 
 
 def _loss(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness.objective._objective import Objective
+    from flatness.objective import Objective
 
     return float(Objective(model, loss_fn, data, **options).loss()), None
 
 
 def _grad_norm(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness.objective._objective import Objective
+    from flatness.objective import Objective
 
-    return float(Objective(model, loss_fn, data, **options).grad().norm()), None
+    obj = Objective(model, loss_fn, data, **options)
+    return obj.space.norm(obj.grad()), None  # ‖∇L‖ over every rank of a sharded model
 
 
 def _sharpness(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
@@ -144,7 +145,7 @@ def _parse_measures(measures: Any) -> dict[str, Measure | str]:
 
 def _shared_keywords() -> list[str]:
     """The keywords every flatness function takes: :class:`flatness.Objective`'s options."""
-    from flatness.objective._objective import Objective
+    from flatness.objective import Objective
 
     params = inspect.signature(Objective.__init__).parameters.values()
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -25,9 +25,8 @@ from torch import nn
 from flatness._utils.progress import Progress, ProgressArg
 from flatness._utils.validate import check_int, check_positive, check_seed
 from flatness.algorithms.maximize import MaximizeResult, maximize_ball, maximize_box, vertex_search
-from flatness.objective._fsdp import ShardedObjective, make_objective, unsupported
+from flatness.objective import NonFiniteLossError, Objective, check_options
 from flatness.objective._guard import model_guard
-from flatness.objective._objective import NonFiniteLossError, Objective, check_options
 from flatness.results import Result
 
 __all__ = [
@@ -328,17 +327,18 @@ def _subspace_matrix(
     return a64.to(obj.dtype), pinv_x
 
 
-def _sharded_subspace(
-    subspace: Any, obj: ShardedObjective, generator: torch.Generator
+def _space_subspace(
+    subspace: Any, obj: Objective, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A's local rows (n_local, p), A⁺x = Aᵀx) of a random orthonormal A for a sharded model.
+    """(A's local rows (n_local, p), A⁺x = Aᵀx) of a random orthonormal A, drawn by ``obj.space``.
 
-    A's columns are p Gaussian vectors drawn by the objective's :class:`ShardedVectorSpace`
-    (each rank its rows), orthonormalized by CholeskyQR2 (one p×p reduction each time).
+    For objectives whose vectors are not whole in this process: A's columns are p Gaussian
+    vectors drawn by the objective's vector space (each rank its rows), orthonormalized there
+    (CholeskyQR2 on a sharded space: one p×p reduction each time).
     """
     if subspace is None or not (isinstance(subspace, (int, np.integer)) and not isinstance(subspace, bool)):
         raise ValueError(
-            "subspace: for a model sharded with fully_shard pass an int p (a random p-dimensional "
+            f"subspace: for {obj.backend.description} pass an int p (a random p-dimensional "
             "subspace; Keskar et al. used p = 100): the full-space box maximization (L-BFGS-B) "
             f"and a given n×p matrix need whole vectors in one process; got {type(subspace).__name__}"
         )
@@ -441,10 +441,10 @@ def sharpness(
     _check_start(start)
     check_seed(seed)
     with model_guard(model):
-        obj = make_objective(model, loss_fn, data, **options)
+        obj = Objective(model, loss_fn, data, **options)
         generator = torch.Generator().manual_seed(int(seed))
-        if isinstance(obj, ShardedObjective):
-            a, center = _sharded_subspace(subspace, obj, generator)
+        if not obj.supports("whole_vectors"):
+            a, center = _space_subspace(subspace, obj, generator)
             rows = a.T  # (p, n_local): the coefficients Aᵀg are inner products, summed over ranks
             p = a.shape[1]
             evaluator = _Evaluator(
@@ -644,13 +644,13 @@ def adaptive_sharpness(
     _check_start(start)
     check_seed(seed)
     with model_guard(model):
-        unsupported(
-            "model",
-            model,
-            "adaptive_sharpness maximizes over whole vectors in one process; use "
-            "sharpness(..., subspace=p) or average_sharpness",
-        )
         obj = Objective(model, loss_fn, data, **options)
+        obj.require(
+            "whole_vectors",
+            "model",
+            "adaptive_sharpness (a box maximization over whole vectors in one process)",
+            "use sharpness(..., subspace=p) or average_sharpness",
+        )
         c = _scale(obj, adaptive, eta)
         generator = torch.Generator().manual_seed(int(seed))
         evaluator = _Evaluator(
@@ -770,7 +770,7 @@ def average_sharpness(
     check_int("n_samples", n_samples, 1)
     check_seed(seed)
     with model_guard(model):
-        obj = make_objective(model, loss_fn, data, **options)
+        obj = Objective(model, loss_fn, data, **options)
         c = _scale(obj, adaptive, eta)
         generator = torch.Generator().manual_seed(int(seed))
         bar = Progress(progress, total=n_samples, desc="average_sharpness")
@@ -783,10 +783,7 @@ def average_sharpness(
                 ) from e
             gains = []
             for i in range(n_samples):
-                if isinstance(obj, ShardedObjective):  # this rank's entries (Philox by entry)
-                    noise = obj.space.randn(generator)
-                else:
-                    noise = torch.randn(obj.n, generator=generator, dtype=torch.float64)
+                noise = obj.random_vector(generator)  # this rank's entries of a sharded θ
                 delta = float(rho) * c * noise.to(device=obj.device, dtype=obj.dtype)
                 try:
                     gains.append(float(obj.loss(obj.theta0 + delta)) - loss0)

@@ -113,6 +113,16 @@ class VectorSpace:
         shape = (self.n,) if rows is None else (rows, self.n)
         return (torch.randint(0, 2, shape, generator=gen).to(self.dtype) * 2 - 1).to(self.device)
 
+    def basis(self, i: int) -> torch.Tensor:
+        """This process's entries of the i-th standard basis vector e_i."""
+        e = torch.zeros(self.n_local, dtype=self.dtype, device=self.device)
+        e[i] = 1
+        return e
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The whole (n, m) matrix from this process's rows (n_local, m) of it, on every process."""
+        return rows
+
     def empty(self, rows: int) -> torch.Tensor:
         return torch.empty(rows, self.n_local, device=self.device, dtype=self.dtype)
 

@@ -14,7 +14,7 @@ eigenvectors and the top principal components of a training trajectory (Li et al
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -55,21 +55,50 @@ def _named(model: nn.Module, params: ParamSpec) -> list[tuple[str, torch.Tensor]
     return [(n, p.detach()) for n, p in select_params(unwrap(model), params)]
 
 
-def _normalize_tensor(d: torch.Tensor, w: torch.Tensor, normalization: Normalization, ignore_1d: bool):
+def _normalize_tensor(
+    d: torch.Tensor,
+    w: torch.Tensor,
+    normalization: Normalization,
+    ignore_1d: bool,
+    norm: Callable[[torch.Tensor], Any] | None = None,
+) -> torch.Tensor:
+    """One tensor's piece of :func:`normalize_direction`; ``norm`` is a whole tensor's norm.
+
+    Filters (first-axis slices) are whole in every piece; a whole-tensor norm (``"layer"``,
+    kept 1-D tensors) of a tensor split over processes needs ``norm`` summed over them.
+    """
+    whole = norm if norm is not None else torch.linalg.vector_norm
     if d.ndim <= 1:
         if ignore_1d:
             return torch.zeros_like(d)
         if normalization is None:
             return d
         # Our choice for 1-D tensors kept in: one "filter" = the whole tensor.
-        return d * (w.norm() / (d.norm() + _EPS))
+        return d * (whole(w) / (whole(d) + _EPS))
     if normalization == "filter":
         dims = tuple(range(1, d.ndim))
         wn = torch.linalg.vector_norm(w, dim=dims, keepdim=True)
         return d * (wn / (torch.linalg.vector_norm(d, dim=dims, keepdim=True) + _EPS))
     if normalization == "layer":
-        return d * (w.norm() / (d.norm() + _EPS))
+        return d * (whole(w) / (whole(d) + _EPS))
     return d
+
+
+def normalize_parts(
+    direction: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    *,
+    normalization: Normalization,
+    ignore_1d: bool,
+    norm: Callable[[torch.Tensor], Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`normalize_direction` of parameter pieces (e.g. one rank's shards), given θ's pieces.
+
+    ``norm(t)`` is the norm of a whole tensor from its piece ``t`` (the norm summed over every
+    process holding a piece; default: the piece's own norm, for whole tensors).
+    """
+    _check_normalization(normalization)
+    return {n: _normalize_tensor(d, weights[n], normalization, ignore_1d, norm) for n, d in direction.items()}
 
 
 def normalize_direction(

@@ -27,6 +27,7 @@ from flatness.landscape.directions import (
     _check_seed,
     _named,
     normalize_direction,
+    normalize_parts,
     random_direction,
 )
 from flatness.landscape.result import (
@@ -36,10 +37,8 @@ from flatness.landscape.result import (
     LandscapeResult,
     load_landscape,
 )
-from flatness.objective import _fsdp as fsdp
-from flatness.objective._fsdp import ShardedObjective
+from flatness.objective import Objective, check_options
 from flatness.objective._guard import model_guard
-from flatness.objective._objective import Objective, check_options
 
 __all__ = ["accuracy", "interpolate", "landscape_1d", "landscape_2d"]
 
@@ -114,16 +113,22 @@ def _prepare_direction(
     params: Any,
     what: str,
 ) -> dict[str, torch.Tensor]:
-    if isinstance(obj, ShardedObjective):
-        # An FSDP model: directions are this rank's shards (local vectors), drawn and
-        # normalized without ever forming a whole vector.
+    if not obj.supports("whole_vectors"):
+        # Directions are this process's parts of θ's vectors (local vectors; e.g. the shards of
+        # an FSDP model), drawn and normalized without ever forming a whole vector.
         if direction is None:
-            return fsdp.random_direction(obj, normalization=normalization, ignore_1d=ignore_1d, seed=seed)
-        if isinstance(direction, Mapping):
+            vec = obj.random_vector(torch.Generator().manual_seed(_check_seed(seed)))
+        elif isinstance(direction, Mapping):
             vec = obj.flatten(dict(direction))
         else:
-            vec = obj._as_vector(torch.as_tensor(direction), what)
-        return fsdp.normalize_local(obj, vec, normalization, ignore_1d)
+            vec = torch.as_tensor(direction)
+        return normalize_parts(
+            obj.unflatten(obj.as_vector(vec, what)),
+            obj.unflatten(obj.theta0),
+            normalization=normalization,
+            ignore_1d=ignore_1d,
+            norm=lambda t: obj.space.norm(t.reshape(-1)),
+        )
     if direction is None:
         return random_direction(
             model, normalization=normalization, ignore_1d=ignore_1d, seed=seed, params=params
@@ -294,7 +299,7 @@ def _run_grid(obj: Objective, grid: _Grid, run: _Evaluation) -> LandscapeResult:
                 # The centre rides along with the first pass: no extra pass over the data.
                 coords = np.concatenate([coords, grid.center_coords[None]])
                 if bufs is not None:
-                    bufs = {n: torch.cat([b, obj._buffers[n][None].to(b.dtype)]) for n, b in bufs.items()}
+                    bufs = {n: torch.cat([b, obj.buffers[n][None].to(b.dtype)]) for n, b in bufs.items()}
             losses, mvals = obj.evaluate_many(
                 torch.as_tensor(coords, dtype=obj.dtype, device=obj.device),
                 directions=grid.dirs,
@@ -341,8 +346,7 @@ def _run_grid(obj: Objective, grid: _Grid, run: _Evaluation) -> LandscapeResult:
 
 
 def _objective(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> Objective:
-    # A model sharded with fully_shard gets a ShardedObjective (same methods, local vectors).
-    return fsdp.make_objective(model, loss_fn, data, **options)
+    return Objective(model, loss_fn, data, **options)
 
 
 def landscape_1d(

@@ -4,11 +4,14 @@
 the model. Everything else in flatness reaches models and data only through it.
 """
 
+from flatness.objective._backend import CAPABILITIES
 from flatness.objective._fd import NonSmoothWarning, NoSecondDerivativeError
-from flatness.objective._objective import NonFiniteLossError, Objective, check_options
+from flatness.objective._loss import NonFiniteLossError
+from flatness.objective._objective import Objective, check_options
 from flatness.objective._params import ParamSpec
 
 __all__ = [
+    "CAPABILITIES",
     "NoSecondDerivativeError",
     "NonFiniteLossError",
     "NonSmoothWarning",

@@ -1,9 +1,9 @@
 """Loss (and metrics) at many points of parameter space in one pass over the data.
 
 The engine under every landscape (:mod:`flatness.landscape.grid`): each batch is fetched once
-and evaluated at all grid points, vectorized with ``torch.func.vmap`` where the model allows it,
-else by a loop that swaps the model's tensors for the objective's once per batch and refills them
-per point.
+and evaluated at all grid points, vectorized with ``torch.func.vmap`` where the backend and the
+model allow it, else by a loop in which the backend swaps θ into the model once per batch
+(:meth:`flatness.objective._backend.Backend.swapped`) and refills it per point.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.nn.utils.stateless import _reparametrize_module  # what functional_call runs
 
+from flatness._utils.compat import reparametrize
 from flatness.objective._data import first_tensor
-from flatness.objective._objective import Objective
+from flatness.objective._loss import scalar_loss
+
+#: the objective these functions work for (:class:`flatness.Objective`; not imported: it imports us).
+Objective = Any
 
 __all__ = ["evaluate_many"]
 
@@ -77,20 +80,22 @@ def evaluate_many(
     if directions is None:
         if origin is not None:
             raise TypeError("origin: only used with directions; pass the points as thetas (k, n)")
-        if thetas.shape[1] != obj.n:
-            raise ValueError(f"thetas: got shape {tuple(thetas.shape)}; expected (k, {obj.n}) with k >= 1")
+        if thetas.shape[1] != obj.n_local:
+            raise ValueError(
+                f"thetas: got shape {tuple(thetas.shape)}; expected (k, {obj.n_local}) with k >= 1"
+            )
         dirs = None
         base = None
     else:
         dirs = _as_matrix(obj, directions, "directions")
-        if dirs.shape[1] != obj.n:
-            raise ValueError(f"directions: got shape {tuple(dirs.shape)}; expected (r, {obj.n})")
+        if dirs.shape[1] != obj.n_local:
+            raise ValueError(f"directions: got shape {tuple(dirs.shape)}; expected (r, {obj.n_local})")
         if thetas.shape[1] != dirs.shape[0]:
             raise ValueError(
                 f"thetas: got coordinates of shape {tuple(thetas.shape)}; with {dirs.shape[0]} "
                 f"directions expected (k, {dirs.shape[0]})"
             )
-        base = obj.theta0 if origin is None else obj._as_vector(origin, "origin")
+        base = obj.theta0 if origin is None else obj.as_vector(origin, "origin")
     k = thetas.shape[0]
     coords = thetas.detach().cpu().double().numpy() if dirs is not None else None
     bufs: dict[str, torch.Tensor] = {}
@@ -98,26 +103,31 @@ def evaluate_many(
         if not isinstance(buffers, dict):
             raise TypeError(f"buffers: expected a dict name -> (k, ...) tensor, got {type(buffers).__name__}")
         for name, value in buffers.items():
-            if name not in obj._buffers:
-                raise ValueError(f"buffers: unknown buffer {name!r}; the model has {list(obj._buffers)[:5]}")
-            ref = obj._buffers[name]
+            if name not in obj.buffers:
+                raise ValueError(f"buffers: unknown buffer {name!r}; the model has {list(obj.buffers)[:5]}")
+            ref = obj.buffers[name]
             value = torch.as_tensor(value)
             if tuple(value.shape) != (k, *ref.shape):
                 raise ValueError(
                     f"buffers: {name!r} has shape {tuple(value.shape)}; expected {(k, *ref.shape)}"
                 )
-            bufs[name] = obj._const(value.detach().to(device=ref.device, dtype=ref.dtype))
+            bufs[name] = _const(obj, value.detach().to(device=ref.device, dtype=ref.dtype))
     metrics = dict(metrics or {})
     for name, fn in metrics.items():
         if not callable(fn):
             raise TypeError(f"metrics: {name!r} is a {type(fn).__name__}; expected metric(outputs, targets)")
-    if metrics and obj._module._batch_loss is not None:
+    if metrics and obj.module._batch_loss is not None:
         raise TypeError(
             "metrics: metrics need model outputs, which the batch_loss path does not expose; "
             "pass loss_fn(outputs, targets) instead of batch_loss to use metrics"
         )
     if vectorize not in ("auto", True, False):
         raise ValueError(f"vectorize: got {vectorize!r}; expected 'auto', True or False")
+    if vectorize is True and not obj.supports("vmap"):
+        raise ValueError(
+            f"vectorize: True (torch.func.vmap over the points) is not available for "
+            f"{obj.backend.description}; use 'auto' or False (a loop over the points)"
+        )
     if vectorize is True and obj.train:
         raise ValueError("vectorize: True is not possible with train=True (in-place buffer updates, dropout)")
     if chunk_size is not None and (
@@ -126,17 +136,17 @@ def evaluate_many(
         raise ValueError(f"chunk_size: got {chunk_size!r}; expected a positive int or None")
     chunk_box = {"size": chunk_size}
     names = list(metrics)
-    loss_fn = obj._module._loss_fn
+    loss_fn = obj.module._loss_fn
 
     def compute(batch: Any) -> torch.Tensor:
         """Loss and metrics of one batch at the parameters now swapped into the model."""
         if not names:
-            return obj._scalar_loss(obj._module(batch)).reshape(1).to(obj.acc_dtype)
+            return scalar_loss(obj.module, obj.module(batch)).reshape(1).to(obj.acc_dtype)
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError("data: metrics need (inputs, targets) batches")
         inputs, targets = batch
         outputs = obj.model(inputs)
-        out = [obj._scalar_loss(loss_fn(outputs, targets))]  # type: ignore[misc]
+        out = [scalar_loss(obj.module, loss_fn(outputs, targets))]  # type: ignore[misc]
         out += [metrics[m](outputs, targets) for m in names]
         return torch.stack(
             [
@@ -163,10 +173,10 @@ def evaluate_many(
         chunk = chunk_box["size"]
 
         def one(theta: torch.Tensor, point_bufs: dict[str, torch.Tensor]) -> torch.Tensor:
-            state = obj._state(theta)
+            state = obj.backend.state(theta)  # type: ignore[attr-defined]
             for bname, b in point_bufs.items():
                 state["model." + bname] = b
-            with _reparametrize_module(obj._module, state, tie_weights=False, strict=False):
+            with reparametrize(obj.module, state):
                 return compute(batch)
 
         fn = torch.func.vmap(one, in_dims=(0, 0), randomness="error")
@@ -177,22 +187,17 @@ def evaluate_many(
         return torch.cat(pieces)
 
     def run_loop(batch: Any) -> torch.Tensor:
-        # The model's tensors are swapped for ours once per batch; each point only refills
-        # them. In train mode every point restarts from the model's buffers and replays the
-        # batch's random stream, as a single-θ pass would.
-        work = torch.empty(obj.n, dtype=obj.dtype, device=obj.device)
-        state = obj._state(work)
-        views = [state["model." + n] for n in obj.names]
-        cast = any(
-            v.data_ptr() != w.data_ptr() for v, w in zip(views, torch.split(work, obj.numels), strict=True)
-        )
-        point_bufs = {bname: state["model." + bname] for bname in bufs}  # our copies
-        fresh = [(state["model." + bn], obj._const(b)) for bn, b in obj._buffers.items()]
+        # The backend swaps θ into the model once per batch; each point only refills it. In
+        # train mode every point restarts from the model's buffers and replays the batch's
+        # random stream, as a single-θ pass would.
+        work = torch.empty(obj.n_local, dtype=obj.dtype, device=obj.device)
         replay = obj.train and k > 1
         rng = torch.random.get_rng_state() if replay else None
         cuda = torch.cuda.get_rng_state_all() if replay and torch.cuda.is_initialized() else None
         out = []
-        with _reparametrize_module(obj._module, state, tie_weights=False, strict=False):
+        with obj.backend.swapped(work) as swap:
+            point_bufs = {bname: swap.buffers[bname] for bname in bufs}
+            fresh = [(swap.buffers[bn], _const(obj, b).clone()) for bn, b in obj.buffers.items()]
             for i in range(k):
                 if coords is None:
                     work.copy_(thetas[i])
@@ -200,9 +205,7 @@ def evaluate_many(
                     torch.add(base, dirs[0], alpha=float(coords[i, 0]), out=work)  # type: ignore[index,arg-type]
                     for j in range(1, coords.shape[1]):
                         work.add_(dirs[j], alpha=float(coords[i, j]))  # type: ignore[index]
-                if cast:  # parameters kept in their own dtypes: refill the cast copies
-                    for v, w in zip(views, torch.split(work, obj.numels), strict=True):
-                        v.copy_(w.view(v.shape))
+                swap.refill()
                 if obj.train:
                     for dst, src in fresh:
                         dst.copy_(src)
@@ -218,17 +221,17 @@ def evaluate_many(
     # Whether vmap works depends on the model and on the metrics: remember it per kind of call.
     key = (tuple(names), tuple(bufs))
     cached = obj._vmap_ok.get(key)
-    if vectorize is False or obj.train:
+    if vectorize is False or obj.train or not obj.supports("vmap"):
         use_vmap: bool | None = False
     elif vectorize is True:
         use_vmap = True
-    elif obj._has_conv and obj.device.type == "cpu":
+    elif obj.backend.has_conv and obj.device.type == "cpu":  # type: ignore[attr-defined]
         use_vmap = False
     else:
         use_vmap = cached
     mode = {"vmap": use_vmap}
 
-    def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_batch(batch: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             if mode["vmap"] is None and chunk_size is None and k > 1 and auto_chunk(batch) < 128:
                 # A large batch per point: batched kernels (bigger intermediates, grouped
@@ -248,7 +251,7 @@ def evaluate_many(
 
     width = 1 + len(names)
     obj.n_loss += k
-    _, total = obj._pass(per_batch, "losses", extra_numel=k * width, check_finite=False)
+    _, total = obj.sum_over_data(per_batch, "losses", k * width, check_finite=False)
     assert total is not None
     if vectorize == "auto" and not obj.train and mode["vmap"] is not None:
         obj._vmap_ok[key] = mode["vmap"]
@@ -265,3 +268,9 @@ def _as_matrix(obj: Objective, m: Any, name: str) -> torch.Tensor:
     if m.ndim != 2 or m.shape[0] == 0:
         raise ValueError(f"{name}: got shape {tuple(m.shape)}; expected a 2-D (k, ...) array with k >= 1")
     return m.detach().to(device=obj.device, dtype=obj.dtype)
+
+
+def _const(obj: Objective, t: torch.Tensor) -> torch.Tensor:
+    """A buffer value as the model computes with it (cast with the objective's ``dtype``)."""
+    const = getattr(obj.backend, "const", None)
+    return t if const is None else const(t)

@@ -120,12 +120,12 @@ class KinkGuard:
         warned: whether the warning was issued.
     """
 
-    def __init__(self, norm: Callable[[torch.Tensor], float], eps: float, *, sharded: bool = False) -> None:
+    def __init__(self, norm: Callable[[torch.Tensor], float], eps: float, *, exact: bool = True) -> None:
         self._norm = norm
         self._eps = eps
         self._noise = 0.0
         self.tol = kink_tol(eps)
-        self._sharded = sharded
+        self._exact = exact  # whether exact modes exist for this model (the advice differs)
         self._theta: torch.Tensor | None = None
         self._version = -1
         self._g0: torch.Tensor | None = None
@@ -154,7 +154,7 @@ class KinkGuard:
         return self._g0
 
     def check(self, second: torch.Tensor, diff: torch.Tensor) -> None:
-        """Warn if ‖second‖ > τ · ‖diff‖ (both norms over every rank for sharded vectors)."""
+        """Warn if ‖second‖ > τ · ‖diff‖ (norms of the vector space, over every rank)."""
         self.n_checked += 1
         d = self._norm(diff)
         s = self._norm(second)
@@ -171,8 +171,8 @@ class KinkGuard:
             self.warned = True
             fix = (
                 "use smooth activations (GELU, SiLU, softplus, average pooling), or measure the "
-                "unsharded model with hvp_mode='reverse'"
-                if self._sharded
+                "model in one process with hvp_mode='reverse'"
+                if not self._exact
                 else "use an exact mode (hvp_mode='reverse' or 'auto') or smooth activations "
                 "(GELU, SiLU, softplus, average pooling)"
             )

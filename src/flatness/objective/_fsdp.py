@@ -1,4 +1,4 @@
-"""Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): a sharded objective.
+"""Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): the sharded backend.
 
 A model sharded with ``fully_shard`` holds each parameter as a DTensor split along its first
 dimension over the ranks of a 1-D device mesh; rank r holds rows [r·c, (r+1)·c) of every
@@ -9,12 +9,14 @@ concatenation of its shards (``n_local`` numbers) and every vector of flatness's
 does their reductions (dot products and norms all-reduced over the mesh's group) and draws their
 random entries for the local ranges alone.
 
-:class:`ShardedObjective` evaluates the full-data loss, gradient and finite-difference
-Hessian-vector product (H v ≈ ‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h, see :mod:`flatness.objective._fd`) by
-ordinary FSDP passes of the real module: the parameters' local shards are overwritten with θ's
-pieces, forward and backward run as in training (all-gather, reduce-scatter), and the shards,
+:class:`FSDPBackend` is the :class:`flatness.objective._backend.Backend` of such a model: every
+pass is an ordinary FSDP pass of the real module (the parameters' local shards overwritten with
+θ's pieces, forward and backward as in training: all-gather, reduce-scatter), and the shards,
 their ``.grad`` fields, the buffers and FSDP's gradient-reduction settings are restored
 bit-exactly afterwards, also when the pass raises. No rank ever holds a full-length vector.
+Hessian-vector products are finite differences of these gradients (double backward through
+FSDP's collectives is not possible); the GGN, the Fisher, ``dtype=`` and kept graphs are not
+available (:attr:`FSDPBackend.capabilities`), and :class:`flatness.Objective` refuses them by name.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flatness._utils.validate import check_choice, check_loss_reduction, check_seed
+from flatness._utils.compat import fsdp_mp_policy, fsdp_state_param_groups, shard_first_row
 from flatness.algorithms._linalg import VectorSpace
 from flatness.objective import _dist
+from flatness.objective._backend import Backend, Presummed, Swap, _promote
 from flatness.objective._data import DataSource, batch_size_of, move_batch
-from flatness.objective._fd import KinkGuard, fd_step
-from flatness.objective._guard import model_guard, seed_everything
-from flatness.objective._objective import BatchLoss, LossFn, NonFiniteLossError, _LossModule, _promote
+from flatness.objective._guard import model_guard
+from flatness.objective._loss import LossModule, scalar_loss
 from flatness.objective._params import ParamSpec, select_params
 
-__all__ = ["ShardedObjective", "ShardedVectorSpace", "is_sharded", "make_objective", "random_direction"]
+__all__ = ["FSDPBackend", "ShardedVectorSpace", "check_not_fsdp1", "is_sharded"]
 
 _BLOCK = 1 << 22  # random numbers are drawn this many at a time (bounded host memory)
 
@@ -164,6 +166,25 @@ class ShardedVectorSpace(VectorSpace):
             Q = M @ Q
         return Q
 
+    def basis(self, i: int) -> torch.Tensor:
+        """This rank's entries of e_i (zeros unless i is in one of its ranges)."""
+        e = torch.zeros(self.n_local, dtype=self.dtype, device=self.device)
+        pos = 0
+        for a, b in self.ranges:
+            if a <= i < b:
+                e[pos + i - a] = 1
+            pos += b - a
+        return e
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The whole (n, m) matrix on every rank: each rank's rows put in place, summed over ranks."""
+        full = torch.zeros(self.n, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        pos = 0
+        for a, b in self.ranges:
+            full[a:b] = rows[pos : pos + b - a]
+            pos += b - a
+        return self.reduce(full)
+
     # -------------------------------------------------------------- random vectors
     def _draw(
         self, gen: torch.Generator, rows: int | None, entries: Callable[[int, int, int], np.ndarray]
@@ -193,7 +214,6 @@ class ShardedVectorSpace(VectorSpace):
         return f"ShardedVectorSpace(n={self.n}, n_local={self.n_local}, dtype={self.dtype}, device={self.device})"
 
 
-# ---------------------------------------------------------------------------- the objective
 _END = object()
 
 
@@ -205,116 +225,27 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def _param_groups(module: nn.Module) -> list[Any]:
-    state = module._get_fsdp_state()  # type: ignore[operator]
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        one = getattr(state, "_fsdp_param_group", None)
-        groups = [] if one is None else [one]
-    return list(groups)
+class FSDPBackend(Backend):
+    """θ as this rank's shards of an FSDP2 model; passes are FSDP forward / backward passes.
 
-
-def _first_row(p: Any, world: int, rank: int) -> int:
-    """The global index of the first row of this rank's shard of a Shard(0) DTensor."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        return int(offset[0]) if len(offset) else 0
-    except (ImportError, TypeError):  # pragma: no cover - torch.chunk's split, as DTensor's
-        per_rank = -(-p.shape[0] // world)
-        return min(per_rank * rank, p.shape[0])
-
-
-class ShardedObjective:
-    """The loss of an FSDP2-sharded model as functions of θ's local shards.
-
-    .. math::
-        L(\\theta) = \\frac{\\sum_r \\sum_b m_b \\ell_b(\\theta)}{\\sum_r \\sum_b m_b},\\qquad
-        \\nabla^2 L\\, v \\approx \\|v\\| \\frac{\\nabla L(\\theta + h\\hat v)
-        - \\nabla L(\\theta - h\\hat v)}{2h}
-
-    with each rank r holding a shard of the data (as in DDP training) and of every parameter.
-    Vectors (θ, v, gradients) are *local vectors*: this rank's shards of the chosen
-    parameters, flattened and concatenated (``n_local`` numbers; see :class:`ShardedVectorSpace`,
-    ``self.space``). Every pass is an ordinary FSDP forward (and backward) of the model with
-    its shards set to θ's; all ranks must call every method together. Ranks with fewer batches
-    take part in the others' extra steps with zero weight, so the collectives stay matched.
-    Every pass goes through one process's replay check (each rank's pass against its first,
-    :meth:`flatness.objective._data.DataSource.end_pass`), agreed over the ranks in the pass's reduction.
-
-    Args:
-        model: a model sharded with ``fully_shard`` on a 1-D device mesh (DTensor parameters).
-        loss_fn, data, batch_loss, params, reduction, train, max_batches, batch_size,
-        data_seed: as for :class:`flatness.Objective`.
-        dtype: must be None (an FSDP model computes in its own, or its mixed-precision, dtype).
-        hvp_mode: ``"auto"`` or ``"finite_difference"`` (the only mode for sharded models).
-        process_group: ignored beyond a check: the reductions use the mesh's group.
-
-    Raises:
-        TypeError, ValueError: naming the argument, for bad input or unsupported sharding.
-            A pass raises the ``data`` ValueError on every rank when any rank's pass over its
-            data differs from its first.
+    Each rank holds a shard of the data (as in DDP training) and of every parameter; all ranks
+    must call every method together. Ranks with fewer batches take part in the others' extra
+    steps with zero weight, so the collectives stay matched; an error fetching a batch on one
+    rank is agreed over the ranks in the step's collective (every rank raises).
     """
 
+    capabilities = frozenset()
+    description = "a model sharded with fully_shard"
+
     def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | None = None,
-        data: Any = None,
-        *,
-        batch_loss: BatchLoss | None = None,
-        params: ParamSpec = None,
-        reduction: str = "mean",
-        train: bool = False,
-        max_batches: int | None = None,
-        batch_size: Callable[[Any], int] | None = None,
-        dtype: torch.dtype | None = None,
-        hvp_mode: str = "auto",
-        data_seed: int = 0,
-        process_group: Any = None,
+        self, model: nn.Module, module: LossModule, *, params: ParamSpec, process_group: Any
     ) -> None:
         from torch.distributed.tensor import Shard
 
         dtensor = _dtensor_type()
-        if (loss_fn is None) == (batch_loss is None):
-            raise TypeError(
-                "loss_fn / batch_loss: pass exactly one: loss_fn(outputs, targets) or "
-                "batch_loss(model, batch)"
-            )
-        check_choice("reduction", reduction, ("mean", "sum"))
-        check_loss_reduction(loss_fn, reduction)
-        check_choice("hvp_mode", hvp_mode, ("auto", "forward", "reverse", "finite_difference"))
-        if hvp_mode in ("forward", "reverse"):
-            raise ValueError(
-                f"hvp_mode: {hvp_mode!r} is not possible for a model sharded with fully_shard "
-                "(double backward through FSDP's collectives); use 'auto' or 'finite_difference'"
-            )
-        if dtype is not None:
-            raise ValueError(
-                "dtype: not supported for a model sharded with fully_shard; it computes in its "
-                "parameters' (or its MixedPrecisionPolicy's) dtype"
-            )
-        data_seed = check_seed(data_seed, "data_seed")
         self.model = model
-        self._options = {
-            "loss_fn": loss_fn,
-            "batch_loss": batch_loss,
-            "reduction": reduction,
-            "train": train,
-            "max_batches": max_batches,
-            "batch_size": batch_size,
-            "hvp_mode": hvp_mode,
-            "data_seed": data_seed,
-        }
-        self.data = DataSource(data, max_batches=max_batches)
-        self.reduction = reduction
-        self.train = bool(train)
-        self.data_seed = data_seed
-        self.hvp_mode = hvp_mode
-        self._size_fn = batch_size
-        self._module = _LossModule(model, loss_fn, batch_loss)
-
+        self.module = module
+        self._spec = (params, process_group)
         chosen = select_params(model, params)
         not_sharded = [n for n, p in chosen if not isinstance(p, dtensor)]  # type: ignore[arg-type]
         if not_sharded:
@@ -337,16 +268,20 @@ class ShardedObjective:
                 )
             if not p.is_floating_point():
                 raise TypeError(f"params: parameter {n!r} has dtype {p.dtype}; expected floating")
-        self._group = mesh.get_group()
-        if process_group is not None and process_group is not self._group:
-            if dist.get_world_size(process_group) != dist.get_world_size(self._group):
+        self.group = mesh.get_group()
+        if process_group is not None and process_group is not False and process_group is not self.group:
+            if dist.get_world_size(process_group) != dist.get_world_size(self.group):
                 raise ValueError(
                     "process_group: differs from the FSDP mesh's group; the data must be sharded "
-                    "over the same ranks as the parameters"
+                    "over the same ranks as the parameters (omit process_group)"
                 )
-        self._world = dist.get_world_size(self._group)
+        if process_group is False:
+            raise ValueError(
+                "process_group: False (this rank's data alone) is not possible for a model sharded "
+                "with fully_shard, whose every pass is collective; omit process_group"
+            )
+        self._world = dist.get_world_size(self.group)
         self._params = [p for _, p in chosen]
-        self._chosen_ids = {id(p) for p in self._params}
         self.names = [n for n, _ in chosen]
         self.shapes = [p.shape for p in self._params]
         self.numels = [p.numel() for p in self._params]
@@ -360,16 +295,21 @@ class ShardedObjective:
         offset = 0
         for p, loc in zip(self._params, self._locals, strict=True):
             # Dim-0 sharding: the local shard is rows [first_row, first_row + rows) of p.
-            first_row = _first_row(p, self._world, dist.get_rank(self._group))
+            first_row = shard_first_row(p, self._world, dist.get_rank(self.group))
             if loc.numel():
                 start = offset + first_row * (math.prod(p.shape[1:]) if p.ndim > 1 else 1)
                 ranges.append((start, start + loc.numel()))
             offset += p.numel()
         self.device = self._locals[0].device
         self.dtype = _promote([t.dtype for t in self._locals])
-        self._compute_dtypes = self._find_compute_dtypes()
+        compute = []
+        for m in _fsdp_modules(model):
+            policy = fsdp_mp_policy(m)
+            if policy is not None and policy.param_dtype is not None:
+                compute.append(policy.param_dtype)
+        self.eps = max(torch.finfo(d).eps for d in (compute or [t.dtype for t in self._locals]))
         self.space = ShardedVectorSpace(
-            ranges, self.n, group=self._group, device=self.device, dtype=self.dtype
+            ranges, self.n, group=self.group, device=self.device, dtype=self.dtype
         )
         with torch.no_grad():
             self.theta0 = torch.cat([t.detach().reshape(-1).to(self.dtype) for t in self._locals])
@@ -378,31 +318,15 @@ class ShardedObjective:
             raise ValueError(
                 "params: ranks disagree on the parameters chosen; every rank needs the same model"
             )
-        self.n_loss = 0
-        self.n_grad = 0
-        self.n_hvp = 0
-        self.n_passes = 0
-        self.last_vectorized: bool | None = False
-        eps = max(torch.finfo(d).eps for d in self._compute_dtypes)
-        self._kinks = KinkGuard(self.space.norm, eps, sharded=True)  # see flatness.objective._fd
-        self._buffers = dict(model.named_buffers())
+        self.buffers = dict(model.named_buffers())
 
-    def _find_compute_dtypes(self) -> list[torch.dtype]:
-        out = []
-        for m in _fsdp_modules(self.model):
-            policy = getattr(m._get_fsdp_state(), "_mp_policy", None)  # type: ignore[operator]
-            if policy is not None and policy.param_dtype is not None:
-                out.append(policy.param_dtype)
-        return out or [t.dtype for t in self._locals]
-
-    hvp_mode_used = "finite_difference"
-
-    def with_params(self, params: ParamSpec) -> ShardedObjective:
-        """The same model, loss, data and options with θ restricted to another selection."""
-        return ShardedObjective(self.model, data=self.data.source, params=params, **self._options)
+    def with_params(self, params: ParamSpec) -> FSDPBackend:
+        return FSDPBackend(self.model, self.module, params=params, process_group=self._spec[1])
 
     # ------------------------------------------------------------------ vectors
-    def _as_vector(self, v: Any, name: str) -> torch.Tensor:
+    def as_vector(self, v: Any, name: str) -> torch.Tensor:
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
         if not isinstance(v, torch.Tensor):
             raise TypeError(
                 f"{name}: expected a torch.Tensor (this rank's local vector), got {type(v).__name__}"
@@ -413,15 +337,6 @@ class ShardedObjective:
                 f"({self.n_local},) (its shards of the {self.n} parameters)"
             )
         return v.detach().to(device=self.device, dtype=self.dtype)
-
-    def _theta(self, theta: Any) -> torch.Tensor:
-        return self.theta0 if theta is None else self._as_vector(theta, "theta")
-
-    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A local vector as this rank's shards, keyed like ``named_parameters``."""
-        theta = self._as_vector(theta, "theta")
-        pieces = torch.split(theta, self.local_numels)
-        return {n: t.view(s) for n, t, s in zip(self.names, pieces, self.local_shapes, strict=True)}
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's shards (local shapes, or DTensors) keyed by name, as a local vector."""
@@ -441,12 +356,7 @@ class ShardedObjective:
             out.append(t.reshape(-1).to(device=self.device, dtype=self.dtype))
         return torch.cat(out)
 
-    def fd_step(self, theta: Any = None) -> float:
-        """h = ε^(1/3) · max(1, ‖θ‖/√n), ε of the dtype the model computes in."""
-        eps = max(torch.finfo(d).eps for d in self._compute_dtypes)
-        return fd_step(self.space.norm(self._theta(theta)), self.n, eps)
-
-    # ------------------------------------------------------------------ passes
+    # ------------------------------------------------------------------ writing θ
     def _reshard(self) -> None:
         # The root module keeps its gathered parameters after a forward (reshard_after_forward
         # is False for the root): free them so that the next forward gathers the shards again.
@@ -459,13 +369,34 @@ class ShardedObjective:
             for loc, piece in zip(self._locals, torch.split(theta, self.local_numels), strict=True):
                 loc.copy_(piece.view(loc.shape))
 
+    # ------------------------------------------------------------------ one batch
+    def batch_loss(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
+        self._write(theta)
+        with torch.no_grad():
+            return scalar_loss(self.module, self.module(batch))
+
+    def batch_grad(self, theta: torch.Tensor, batch: Any, weight: float) -> tuple[torch.Tensor, Presummed]:
+        """(ℓ_b(θ), Σ_ranks w_r ∇ℓ_b,r(θ)): the step's reduce-scattered gradient, this rank's shard."""
+        self._write(theta)
+        with torch.enable_grad():
+            loss = scalar_loss(self.module, self.module(batch))
+            (loss * weight).backward()
+        pieces = []
+        for p, loc in zip(self._params, self._locals, strict=True):
+            g = p.grad
+            g = torch.zeros_like(loc) if g is None else g.to_local().detach()  # type: ignore[attr-defined]
+            pieces.append(g.reshape(-1).to(self.dtype))
+            p.grad = None
+        # FSDP averages the reduce-scattered gradient over the ranks: undo that.
+        return loss.detach(), Presummed(torch.cat(pieces).mul_(self._world))
+
+    # ------------------------------------------------------------------ passes
     @contextlib.contextmanager
-    def _session(self, with_grad: bool) -> Iterator[None]:
-        """Guards, seeded data, and bit-exact restoration of shards, grads, buffers, settings."""
+    def session(self, train: bool, *, with_grad: bool) -> Iterator[None]:
+        """Guards and bit-exact restoration of shards, grads, buffers and FSDP's settings."""
         params = list(self.model.parameters())
         with model_guard(self.model):
-            self.model.train(self.train)
-            saved_data = self.data.save_generators()
+            self.model.train(train)
             # FSDP may re-point a parameter's local tensor (lazy initialization re-pads the
             # shards): fetch the views afresh for every pass.
             self._reshard()
@@ -484,7 +415,7 @@ class ShardedObjective:
             settings = []
             if with_grad:
                 for m in _fsdp_modules(self.model):
-                    for pg in _param_groups(m):
+                    for pg in fsdp_state_param_groups(m):
                         names = ("reduce_grads", "all_reduce_grads", "gradient_divide_factor")
                         settings.append((pg, {k: getattr(pg, k) for k in names if hasattr(pg, k)}))
                         # Gradients reduce-scattered and averaged over the ranks, as in training.
@@ -496,7 +427,6 @@ class ShardedObjective:
             try:
                 for p in params:
                     p.grad = None
-                seed_everything(self.data_seed)
                 yield
             finally:
                 with torch.no_grad():
@@ -514,16 +444,17 @@ class ShardedObjective:
                     for k, value in values.items():
                         setattr(pg, k, value)
                 self._reshard()
-                self.data.restore_generators(saved_data)
 
-    def _steps(self) -> Iterator[tuple[Any, int, bool]]:
+    def steps(
+        self, data: DataSource, size_fn: Callable[[Any], int] | None
+    ) -> Iterator[tuple[Any, int, bool]]:
         """(batch, size, real) per step; ranks out of batches replay their last one (weight 0).
 
-        Fetching a batch and reading its size happen before the step's collective, and an error
-        there (the loader's own, or a batch ``batch_size`` refuses) is agreed over the ranks in
-        it: every rank raises, none is left waiting in the next collective.
+        Whether each rank still has a batch is agreed in one small all-reduce per step; an
+        error there (the loader's own, or a batch ``batch_size`` refuses) is agreed over the
+        ranks in it: every rank raises, none is left waiting in the next collective.
         """
-        it = iter(self.data)
+        it = iter(data)
         last = None
         first = True
         while True:
@@ -532,7 +463,7 @@ class ShardedObjective:
             try:
                 batch = next(it, _END)
                 if batch is not _END:
-                    size = batch_size_of(batch, self._size_fn)
+                    size = batch_size_of(batch, size_fn)
             except Exception as e:  # raised below, on every rank together
                 error, batch = e, _END
             have = batch is not _END
@@ -561,271 +492,7 @@ class ShardedObjective:
             else:
                 yield last, 0, False
 
-    def _loss_of(self, batch: Any) -> torch.Tensor:
-        loss = self._module(batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            name = "loss_fn" if self._module._batch_loss is None else "batch_loss"
-            raise ValueError(f"{name}: the loss of a batch must be a tensor holding one number")
-        return loss.reshape(())
-
-    def _finish(self, total: torch.Tensor, size: int, bad: bool, what: str) -> tuple[torch.Tensor, float]:
-        """After a complete pass: sum (losses, sizes, flags) over ranks; raise together if any is bad.
-
-        Runs the replay check of one process (:meth:`DataSource.end_pass`: this pass against
-        the first, by fingerprints) on every rank, and raises on all ranks when any rank's
-        pass differs, before the non-finite check (``bad``).
-        """
-        differs = self.data.end_pass()
-        flags = [float(size), float(bad), float(differs is not None)]
-        head = torch.cat([total.double().cpu().reshape(-1), torch.tensor(flags, dtype=torch.float64)])
-        head = self.space.reduce(head)
-        self.n_passes += 1
-        self.data.check_replay(differs, round(float(head[-1])))
-        if float(head[-2]):
-            raise NonFiniteLossError(f"the {what} is not finite (on {round(float(head[-2]))} rank(s))")
-        count = float(head[-3])
-        scale = 1.0 / count if self.reduction == "mean" else 1.0
-        return head[:-3] * scale, scale
-
-    def _grad_pass(self, theta: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        total = torch.zeros((), dtype=torch.float64)
-        size = 0
-        with self._session(with_grad=True):
-            self._write(theta)
-            bad = False
-            for batch, m, real in self._steps():
-                with torch.enable_grad():
-                    loss = self._loss_of(batch)
-                    w = (float(m) if self.reduction == "mean" else 1.0) if real else 0.0
-                    (loss * w).backward()
-                if real:
-                    value = loss.detach().double().cpu()
-                    bad = bad or not bool(torch.isfinite(value))
-                    total = total + w * value
-                    size += m
-            pieces = []
-            for p, loc in zip(self._params, self._locals, strict=True):
-                g = p.grad
-                g = torch.zeros_like(loc) if g is None else g.to_local().detach()  # type: ignore[attr-defined]
-                pieces.append(g.reshape(-1).to(self.dtype))
-            grad = torch.cat(pieces)  # one copy; the .grad fields are restored below
-            del pieces
-            bad = bad or not bool(torch.isfinite(grad).all())
-        loss, scale = self._finish(total, size, bad, what)
-        # FSDP averages the reduce-scattered gradient over the ranks: undo that, then weight.
-        return loss[0], grad.mul_(self._world * scale)
-
-    def loss(self, theta: Any = None) -> torch.Tensor:
-        """L(θ) over one full pass of every rank's data (a 0-d float64 tensor)."""
-        theta = self._theta(theta)
-        total = torch.zeros((), dtype=torch.float64)
-        size = 0
-        bad = False
-        with self._session(with_grad=False), torch.no_grad():
-            self._write(theta)
-            for batch, m, real in self._steps():
-                loss = self._loss_of(batch)
-                if real:
-                    value = loss.double().cpu()
-                    bad = bad or not bool(torch.isfinite(value))
-                    total = total + (float(m) if self.reduction == "mean" else 1.0) * value
-                    size += m
-        self.n_loss += 1
-        return self._finish(total, size, bad, "loss")[0][0]
-
-    def loss_and_grad(self, theta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L(θ), this rank's shard of ∇L(θ)) over one full pass."""
-        self.n_grad += 1
-        return self._grad_pass(self._theta(theta), "gradient")
-
-    def grad(self, theta: Any = None) -> torch.Tensor:
-        """This rank's shard of ∇L(θ)."""
-        return self.loss_and_grad(theta)[1]
-
-    def hvp(self, v: Any, theta: Any = None) -> torch.Tensor:
-        """This rank's shard of ‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h (two FSDP gradient passes)."""
-        v = self._as_vector(v, "v")
-        theta = self._theta(theta)
-        vnorm = self.space.norm(v)
-        if not math.isfinite(vnorm):
-            raise ValueError("v: the vector has non-finite entries")
-        self.n_hvp += 1
-        if vnorm == 0.0:
-            return torch.zeros_like(theta)
-        h = self.fd_step(theta)
-        what = "finite-difference Hessian-vector product"
-        point = torch.add(theta, v, alpha=h / vnorm)  # θ + h v̂, then θ − h v̂ in the same buffer
-        _, g_plus = self._grad_pass(point, what)
-        torch.add(theta, v, alpha=-h / vnorm, out=point)
-        _, g_minus = self._grad_pass(point, what)
-        del point
-        g_plus.sub_(g_minus)
-        # The non-smoothness guard (flatness.objective._fd.KinkGuard), as in the one-process product.
-        if not self._kinks.warned:
-            g0 = self._kinks.base_gradient(theta, self.grad)
-            self._kinks.check(g_minus.mul_(2.0).add_(g_plus).sub_(g0, alpha=2.0), g_plus)
-        return g_plus.mul_(vnorm / (2.0 * h))
-
-    # ------------------------------------------------------------------ many points
-    def evaluate_many(
-        self,
-        thetas: Any,
-        *,
-        directions: Any = None,
-        origin: Any = None,
-        buffers: dict[str, torch.Tensor] | None = None,
-        metrics: dict[str, Callable[[Any, Any], Any]] | None = None,
-        vectorize: Any = "auto",
-        chunk_size: int | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L(θ_i) and metrics at k points in one pass: each batch is evaluated at every point.
-
-        ``thetas`` is a (k, n_local) matrix of local vectors or, with ``directions`` (r, n_local),
-        (k, r) coordinates: θ_i = origin + Σ_j c_ij d_j. Per-point ``buffers`` (replicated, not
-        sharded) are written into the model's buffers for each point. Points are evaluated one
-        after another (``vectorize`` and ``chunk_size`` are accepted and ignored).
-        """
-        del vectorize, chunk_size
-        thetas = torch.as_tensor(thetas)
-        if thetas.ndim != 2 or thetas.shape[0] == 0:
-            raise ValueError(f"thetas: got shape {tuple(thetas.shape)}; expected (k, ...) with k >= 1")
-        if directions is None:
-            if thetas.shape[1] != self.n_local:
-                raise ValueError(f"thetas: got shape {tuple(thetas.shape)}; expected (k, {self.n_local})")
-            dirs, base = None, None
-            points = thetas.to(device=self.device, dtype=self.dtype)
-        else:
-            dirs = torch.as_tensor(directions).to(device=self.device, dtype=self.dtype)
-            if dirs.ndim != 2 or dirs.shape[1] != self.n_local or thetas.shape[1] != dirs.shape[0]:
-                raise ValueError(
-                    f"directions: got shape {tuple(dirs.shape)} with coordinates {tuple(thetas.shape)}; "
-                    f"expected (r, {self.n_local}) and (k, r)"
-                )
-            base = self.theta0 if origin is None else self._as_vector(origin, "origin")
-            points = thetas.detach().cpu().double()
-        k = thetas.shape[0]
-        metrics = dict(metrics or {})
-        names = list(metrics)
-        if names and self._module._batch_loss is not None:
-            raise TypeError(
-                "metrics: metrics need model outputs, which the batch_loss path does not expose; "
-                "pass loss_fn(outputs, targets) instead of batch_loss to use metrics"
-            )
-        bufs = {}
-        for name, value in (buffers or {}).items():
-            if name not in self._buffers:
-                raise ValueError(f"buffers: unknown buffer {name!r}")
-            bufs[name] = torch.as_tensor(value).to(self._buffers[name].device, self._buffers[name].dtype)
-        width = 1 + len(names)
-        totals = torch.zeros(k, width, dtype=torch.float64)
-        size = 0
-        work = torch.empty(self.n_local, dtype=self.dtype, device=self.device)
-        fresh = [(b, b.detach().clone()) for b in self._buffers.values()]
-        with self._session(with_grad=False), torch.no_grad():
-            for batch, m, real in self._steps():
-                rng = torch.random.get_rng_state() if self.train and k > 1 else None
-                for i in range(k):
-                    if dirs is None:
-                        work.copy_(points[i])
-                    else:
-                        work.copy_(base)  # type: ignore[arg-type]
-                        for j in range(dirs.shape[0]):
-                            work.add_(dirs[j], alpha=float(points[i, j]))
-                    self._write(work)
-                    if self.train:
-                        for b, old in fresh:
-                            b.copy_(old)
-                    for name, value in bufs.items():
-                        self._buffers[name].copy_(value[i])
-                    if rng is not None:
-                        torch.random.set_rng_state(rng)
-                    if names:
-                        inputs, targets = batch
-                        outputs = self.model(inputs)
-                        row = [self._module._loss_fn(outputs, targets)]  # type: ignore[misc]
-                        row += [metrics[name](outputs, targets) for name in names]
-                    else:
-                        row = [self._loss_of(batch)]
-                    if real:
-                        w = float(m) if self.reduction == "mean" else 1.0
-                        values = torch.tensor([float(x) for x in row], dtype=torch.float64)
-                        totals[i] += w * values
-                if real:
-                    size += m
-        # Non-finite values are returned as they are (landscape grids keep NaN): bad=False.
-        sums, _ = self._finish(totals.reshape(-1), size, False, "loss")
-        self.n_loss += k
-        table = sums.reshape(k, width).to(self.dtype)
-        return table[:, 0].clone(), {m: table[:, j + 1].clone() for j, m in enumerate(names)}
-
-    def __repr__(self) -> str:
-        return (
-            f"ShardedObjective(n={self.n}, n_local={self.n_local}, dtype={self.dtype}, "
-            f"device={self.device}, world={self._world})"
-        )
-
-
-# ---------------------------------------------------------------------------- model-level helpers
-def make_objective(model: nn.Module, loss_fn: Any = None, data: Any = None, **options: Any) -> Any:
-    """:class:`ShardedObjective` for a model sharded with ``fully_shard``, else :class:`Objective`."""
-    from flatness.objective._objective import Objective
-
-    check_not_fsdp1(model)
-    if is_sharded(model):
-        return ShardedObjective(model, loss_fn, data, **options)
-    return Objective(model, loss_fn, data, **options)
-
-
-def unsupported(what: str, model: nn.Module, hint: str = "") -> None:
-    """Raise a ValueError naming ``what`` if ``model`` is sharded (a feature not available there)."""
-    if is_sharded(model):
-        raise ValueError(
-            f"{what}: not available for a model sharded with fully_shard (DTensor parameters)"
-            + (f"; {hint}" if hint else "")
-        )
-
-
-def normalize_local(
-    obj: ShardedObjective, direction: torch.Tensor, normalization: str | None, ignore_1d: bool
-) -> dict[str, torch.Tensor]:
-    """Filter / layer normalization of a local direction vector, as this rank's shards.
-
-    Dim-0 sharding keeps every filter (a first-axis slice) whole on one rank, so filter norms
-    are local; layer norms and 1-D tensors (when kept) need the norm over all ranks.
-    """
-    d = obj.unflatten(direction)
-    w = obj.unflatten(obj.theta0)
-    out = {}
-    for name, shape in zip(obj.names, obj.shapes, strict=True):
-        di, wi = d[name], w[name]
-        if len(shape) <= 1:
-            if ignore_1d:
-                out[name] = torch.zeros_like(di)
-                continue
-            if normalization is None:
-                out[name] = di.clone()
-                continue
-        if normalization is None:
-            out[name] = di.clone()
-        elif normalization == "filter" and len(shape) > 1:
-            dims = tuple(range(1, di.ndim))
-            wn = torch.linalg.vector_norm(wi, dim=dims, keepdim=True)
-            dn = torch.linalg.vector_norm(di, dim=dims, keepdim=True)
-            out[name] = di * (wn / (dn + 1e-10))
-        else:  # layer, or a kept 1-D tensor: one norm over all ranks
-            norms = torch.stack([wi.double().square().sum(), di.double().square().sum()])
-            wn, dn = obj.space.reduce(norms).sqrt().tolist()
-            out[name] = di * (wn / (dn + 1e-10))
-    return out
-
-
-def random_direction(
-    obj: ShardedObjective, *, normalization: str | None, ignore_1d: bool, seed: int
-) -> dict[str, torch.Tensor]:
-    """A seeded Gaussian direction of a sharded model, as this rank's shards, normalized.
-
-    Drawn by the objective's :class:`ShardedVectorSpace` (the same vector for any number of
-    ranks; other numbers than the unsharded :func:`flatness.random_direction` for this seed).
-    """
-    gen = torch.Generator().manual_seed(check_seed(seed))
-    return normalize_local(obj, obj.space.randn(gen), normalization, ignore_1d)
+    @contextlib.contextmanager
+    def swapped(self, work: torch.Tensor) -> Iterator[Swap]:
+        # The shards are the model's own (restored by the session): refilling writes them.
+        yield Swap(lambda: self._write(work), self.buffers)

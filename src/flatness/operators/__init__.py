@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from flatness._utils.validate import check_choice
-from flatness.objective._fsdp import is_sharded, make_objective
+from flatness.objective import Objective
 from flatness.operators._base import CurvatureOperator
 from flatness.operators.empirical_fisher import EmpiricalFisherOperator
 from flatness.operators.fisher import FisherOperator
@@ -87,10 +87,4 @@ def build_operator(
 ) -> CurvatureOperator:
     """Objective and operator for a model-level function, options already split and checked."""
     rest, own = split_options(curvature, options)
-    if curvature != "hessian" and is_sharded(model):
-        raise ValueError(
-            f"curvature: {curvature!r} is not available for a model sharded with fully_shard; "
-            "its products are finite differences of FSDP gradient passes, which give the Hessian "
-            "(curvature='hessian')"
-        )
-    return operator_class(curvature).from_objective(make_objective(model, loss_fn, data, **rest), **own)
+    return operator_class(curvature).from_objective(Objective(model, loss_fn, data, **rest), **own)

@@ -5,13 +5,17 @@ parameters θ₀ (a snapshot taken at construction), available only through prod
 for torch or NumPy vectors (or matrices whose columns are vectors), ``op.to_scipy()`` for
 ``scipy.sparse.linalg`` solvers, ``op.dense()`` for small n. Every operator is also a
 :class:`flatness.algorithms.LinearOperator`, so the algorithms of :mod:`flatness.algorithms`
-run on it directly. Subclasses define one batch's product; batches are combined with the size
-weights of :class:`flatness.Objective`.
+run on it directly.
+
+A curvature is one subclass that defines one batch's product, :meth:`CurvatureOperator.batch_product`
+(as curvlinops' ``_matmat_batch``); the base owns the pass over the data, which combines batches
+with the size weights of :class:`flatness.Objective` (see docs/operators.md, "A new curvature").
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -20,10 +24,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from flatness.algorithms._linalg import VectorSpace
-from flatness.objective._fsdp import make_objective
-from flatness.objective._objective import Objective
-from flatness.objective._params import ParamSpec
+from flatness.objective import Objective, ParamSpec
 
 __all__ = ["CurvatureOperator"]
 
@@ -48,11 +49,15 @@ class CurvatureOperator:
     name: ClassVar[str] = ""
     #: the operator's own keyword options (the rest go to :class:`flatness.Objective`).
     own_options: ClassVar[tuple[str, ...]] = ()
+    #: the backend capabilities its products need (refused by name where missing, see
+    #: :meth:`flatness.Objective.require`): computing at θ with tangents, by default.
+    requires: ClassVar[tuple[str, ...]] = ("functional",)
+    #: what one product is called in messages.
+    product_name: ClassVar[str] = "curvature-vector product"
 
     def __init__(self, model: nn.Module, loss_fn: Any = None, data: Any = None, **options: Any) -> None:
         own = {k: options.pop(k) for k in list(options) if k in self.own_options}
-        # A model sharded with fully_shard gets a ShardedObjective (Hessian only, see _setup).
-        self._setup(make_objective(model, loss_fn, data, **options), None, **own)
+        self._setup(Objective(model, loss_fn, data, **options), None, **own)
 
     @classmethod
     def from_objective(cls, objective: Objective, theta: Any = None, **own: Any) -> CurvatureOperator:
@@ -65,16 +70,17 @@ class CurvatureOperator:
         unknown = [k for k in own if k not in self.own_options]
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected option {unknown[0]!r}")
-        if getattr(objective, "space", None) is not None and self.name != "hessian":
-            raise ValueError(
-                f"curvature: {self.name!r} is not available for a model sharded with fully_shard; "
-                "its products are finite differences of FSDP gradient passes, which give the Hessian"
+        for capability in self.requires:
+            objective.require(
+                capability,
+                "curvature",
+                f"curvature={self.name!r} (its products need the model's outputs at θ with tangents)",
+                "the Hessian (curvature='hessian') is available",
             )
         self.objective = objective
-        self.theta = objective.theta0 if theta is None else objective._as_vector(theta, "theta").detach()
-        # A sharded objective (an FSDP model) brings its own space: vectors are local shards.
-        space = getattr(objective, "space", None)
-        self.space = space or VectorSpace(objective.n, dtype=objective.dtype, device=objective.device)
+        self.theta = objective.theta0 if theta is None else objective.as_vector(theta, "theta").detach()
+        #: the vectors' space (local shards on a sharded model; dot products over every rank).
+        self.space = objective.space
         self.n_matvec = 0
         self._own = dict(own)
         self._init(**own)
@@ -95,14 +101,34 @@ class CurvatureOperator:
     def _init(self, **own: Any) -> None:
         """Validate and store the operator's own options (subclasses)."""
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
-        """A v over one pass of the data (subclasses)."""
+    def batch_product(self, batch: Any, v: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ℓ_b, A_b v) of one batch at ``self.theta``: its loss and its product (subclasses).
+
+        ``index`` is the batch's position in the pass (for per-batch seeds). The base weights
+        the batches by size and sums them over the data (and the ranks).
+        """
         raise NotImplementedError
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        """A v over one pass of the data: Σ_b w_b A_b v / Σ_b w_b."""
+        counter = itertools.count()
+
+        def per_batch(batch: Any, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.batch_product(batch, v, next(counter))
+
+        out = self.objective.sum_over_data(per_batch, self.product_name, self.objective.n_local)[1]
+        assert out is not None
+        return out
 
     # ------------------------------------------------------------------ the operator
     @property
     def shape(self) -> tuple[int, int]:
         return (self.objective.n, self.objective.n)
+
+    @property
+    def n_local(self) -> int:
+        """How many entries of a vector this process holds (n unless the model is sharded)."""
+        return self.objective.n_local
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,7 +140,7 @@ class CurvatureOperator:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """A v for a flat torch vector of length n (on any device; returned on A's device)."""
-        v = self.objective._as_vector(v, "v")
+        v = self.objective.as_vector(v, "v")
         out = self._product(v)
         self.n_matvec += 1
         return out
@@ -157,9 +183,10 @@ class CurvatureOperator:
         return LinearOperator((n, n), matvec=mv, rmatvec=mv, dtype=np.dtype(dtype))
 
     def dense(self) -> torch.Tensor:
-        """The full n×n matrix, by n products (for small models and tests)."""
-        eye = torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
-        return torch.stack([self.matvec(eye[i]) for i in range(self.shape[0])], dim=1)
+        """The full n×n matrix, by n products (for small models and tests; on every rank)."""
+        n = self.shape[0]
+        columns = torch.stack([self.matvec(self.space.basis(i)) for i in range(n)], dim=1)
+        return self.space.gather_rows(columns)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"

@@ -17,8 +17,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
 
+from flatness.objective import Objective
 from flatness.objective._fd import forward_ad_unsupported
-from flatness.objective._objective import Objective, _math_attention
+from flatness.objective._loss import math_attention as _math_attention
 
 __all__ = ["Compute", "Linearized", "linearize"]
 

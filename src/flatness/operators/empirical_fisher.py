@@ -61,13 +61,14 @@ class EmpiricalFisherOperator(CurvatureOperator):
     """
 
     name = "empirical_fisher"
+    product_name = "empirical-Fisher-vector product"
 
     def _init(self) -> None:
         self._state: dict[str, Any] = {}
 
     def _sizes(self, batch: Any, rows: int, sample: Callable[[int], Any]) -> torch.Tensor | None:
         """s_i of every row of a batch (None: the default sizes, all 1)."""
-        size_fn = self.objective._size_fn
+        size_fn = self.objective.size_fn
         if size_fn is None:
             return None
         per_row = getattr(size_fn, "per_row", None)  # lm_loss's: every row at once
@@ -92,73 +93,67 @@ class EmpiricalFisherOperator(CurvatureOperator):
             )
         return torch.tensor(sizes, dtype=torch.float64)
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
+    def batch_product(self, batch: Any, v: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         obj = self.objective
         mean = obj.reduction == "mean"
         state = self._state
+        with warnings.catch_warnings():  # the pass itself warns about ambiguous sizes
+            warnings.simplefilter("ignore")
+            rows = batch_size_of(batch)  # the rows, whatever batch_size= counts
+        leaves, spec = pytree.tree_flatten(batch)
+        mapped = [isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == rows for t in leaves]
+        dims = pytree.tree_unflatten([0 if b else None for b in mapped], spec)
 
-        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            with warnings.catch_warnings():  # the pass itself warns about ambiguous sizes
-                warnings.simplefilter("ignore")
-                rows = batch_size_of(batch)  # the rows, whatever batch_size= counts
-            leaves, spec = pytree.tree_flatten(batch)
-            mapped = [isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == rows for t in leaves]
-            dims = pytree.tree_unflatten([0 if b else None for b in mapped], spec)
+        def row(i: int) -> Any:
+            parts = [t[i : i + 1] if b else t for t, b in zip(leaves, mapped, strict=True)]
+            return pytree.tree_unflatten(parts, spec)
 
-            def row(i: int) -> Any:
-                parts = [t[i : i + 1] if b else t for t, b in zip(leaves, mapped, strict=True)]
-                return pytree.tree_unflatten(parts, spec)
+        sizes = self._sizes(batch, rows, row)
 
-            sizes = self._sizes(batch, rows, row)
+        def one(sample: Any) -> torch.Tensor:
+            parts = pytree.tree_flatten(sample)[0]
+            parts = [t.unsqueeze(0) if b else t for t, b in zip(parts, mapped, strict=True)]
+            return obj.batch_loss(pytree.tree_unflatten(parts, spec))
 
-            def one(sample: Any) -> torch.Tensor:
-                parts = pytree.tree_flatten(sample)[0]
-                parts = [t.unsqueeze(0) if b else t for t, b in zip(parts, mapped, strict=True)]
-                return obj._scalar_loss(obj._module(pytree.tree_unflatten(parts, spec))).reshape(())
+        def loop() -> torch.Tensor:
+            return torch.stack([obj.batch_loss(row(i)) for i in range(rows)])
 
-            def loop() -> torch.Tensor:
-                return torch.stack([obj._scalar_loss(obj._module(row(i))).reshape(()) for i in range(rows)])
+        def compute() -> tuple[torch.Tensor, None]:
+            if not state.get("loop"):
+                try:
+                    return torch.func.vmap(one, in_dims=(dims,), randomness="different")(batch), None
+                except (RuntimeError, NotImplementedError) as e:
+                    if not _no_batching_rule(e):
+                        raise
+                    # an op vmap cannot batch (nn.GRU, nn.LSTM, data-dependent control flow)
+                    state["loop"] = True
+            return loop(), None
 
-            def compute() -> tuple[torch.Tensor, None]:
-                if not state.get("loop"):
-                    try:
-                        return torch.func.vmap(one, in_dims=(dims,), randomness="different")(batch), None
-                    except (RuntimeError, NotImplementedError) as e:
-                        if not _no_batching_rule(e):
-                            raise
-                        # an op vmap cannot batch (nn.GRU, nn.LSTM, data-dependent control flow)
-                        state["loop"] = True
-                return loop(), None
-
-            lin = linearize(obj, self.theta, v, compute, state)
-            losses, jvp = lin.outputs, lin.jvp
-            if sizes is None:
-                sizes = self._default_sizes(batch, losses)
-            sizes = sizes.to(device=losses.device, dtype=losses.dtype)
-            counted = sizes > 0
-            if not bool(counted.any()):
-                raise ValueError(
-                    f"batch_size: every row of a batch has size 0 (batch_size gives {batch_size_of(batch, obj._size_fn)} "
-                    "for the batch): the empirical Fisher has no sample to weight; remove the batch"
-                )
-            a = sizes / sizes.sum() if mean else counted.to(losses.dtype)
-            # samples without a loss (0/0) count nothing: their NaNs must not reach the sums
-            losses = torch.where(counted, losses, torch.zeros_like(losses))
-            jvp = torch.where(counted, jvp, torch.zeros_like(jvp))
-            try:
-                out = lin.vjp(a * jvp)
-            except RuntimeError as e:
-                # Activation checkpointing recomputes its segments in the backward, outside vmap:
-                # torch calls the vmapped tensors escaped. The loop over rows has no such problem.
-                if state.get("loop") or _ESCAPED not in str(e):
-                    raise
-                state["loop"] = True
-                out = linearize(obj, self.theta, v, compute, state).vjp(a * jvp)
-            return (a * losses).sum(), out
-
-        out = obj._pass(per_batch, "empirical-Fisher-vector product", extra_numel=obj.n)[1]
-        assert out is not None
-        return out
+        lin = linearize(obj, self.theta, v, compute, state)
+        losses, jvp = lin.outputs, lin.jvp
+        if sizes is None:
+            sizes = self._default_sizes(batch, losses)
+        sizes = sizes.to(device=losses.device, dtype=losses.dtype)
+        counted = sizes > 0
+        if not bool(counted.any()):
+            raise ValueError(
+                f"batch_size: every row of a batch has size 0 (batch_size gives {batch_size_of(batch, obj.size_fn)} "
+                "for the batch): the empirical Fisher has no sample to weight; remove the batch"
+            )
+        a = sizes / sizes.sum() if mean else counted.to(losses.dtype)
+        # samples without a loss (0/0) count nothing: their NaNs must not reach the sums
+        losses = torch.where(counted, losses, torch.zeros_like(losses))
+        jvp = torch.where(counted, jvp, torch.zeros_like(jvp))
+        try:
+            out = lin.vjp(a * jvp)
+        except RuntimeError as e:
+            # Activation checkpointing recomputes its segments in the backward, outside vmap:
+            # torch calls the vmapped tensors escaped. The loop over rows has no such problem.
+            if state.get("loop") or _ESCAPED not in str(e):
+                raise
+            state["loop"] = True
+            out = linearize(obj, self.theta, v, compute, state).vjp(a * jvp)
+        return (a * losses).sum(), out
 
     def _default_sizes(self, batch: Any, losses: torch.Tensor) -> torch.Tensor:
         """s_i = 1, or 0 for a sample without a loss (its mean over no target is 0/0).
@@ -172,7 +167,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             return torch.ones_like(losses, dtype=torch.float64)
         obj = self.objective
         with torch.no_grad(), obj.at(self.theta):
-            batch_loss = obj._scalar_loss(obj._module(batch)).reshape(())
+            batch_loss = obj.batch_loss(batch)
         if not bool(torch.isfinite(batch_loss)):
             return torch.ones_like(losses, dtype=torch.float64)
         return finite.to(torch.float64)

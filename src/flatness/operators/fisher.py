@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from flatness._utils.validate import check_choice, check_positive, check_seed
-from flatness.objective import _dist
-from flatness.objective._objective import NonFiniteLossError
+from flatness.objective import NonFiniteLossError, _dist
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
 from flatness.operators.ggn import output_hvp
@@ -93,6 +92,7 @@ class FisherOperator(CurvatureOperator):
     """
 
     name = "fisher"
+    product_name = "Fisher-vector product"
     own_options = ("mc_samples", "likelihood", "mc_seed")
 
     def _init(self, mc_samples: int | None = None, likelihood: str | None = None, mc_seed: int = 0) -> None:
@@ -192,7 +192,7 @@ class FisherOperator(CurvatureOperator):
         S = self.mc_samples
         assert S is not None
         # the rank too: shards of the data on different ranks draw independent labels
-        rank = _dist.rank_and_world(self.objective._group)[0]
+        rank = _dist.rank_and_world(self.objective.backend.group)[0]
         seed = int(np.random.SeedSequence([self.mc_seed, rank, index]).generate_state(1)[0])
         gen = torch.Generator().manual_seed(seed)
         if p is None:  # Gaussian: ∇ = (z − ŷ)/σ² with ŷ ~ N(z, σ²): a standard normal vector
@@ -209,29 +209,20 @@ class FisherOperator(CurvatureOperator):
         onehot = torch.nn.functional.one_hot(labels.T, pr.shape[-1]).to(device=z.device, dtype=z.dtype)
         return pr[None] - onehot
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
+    def batch_product(self, batch: Any, v: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         obj = self.objective
-        counter = [0]
-
-        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            index = counter[0]
-            counter[0] += 1
-            lin = linearize(obj, self.theta, v, lambda: obj.batch_outputs(batch), self._state)
-            z = lin.outputs
-            c = self._weights(z, lin.targets, index)
-            p = self._probs(z)
-            if self.mc_samples is None:
-                u = c * _rows(self._curvature(p, lin.jvp), self.likelihood)
-            else:
-                # √c ⊙ ∇ log p(ŷ_s|z): then (1/S) Σ_s a_s a_sᵀ has expectation c ⊙ B
-                a = c.clamp_min(0).sqrt() * self._sampled(z, p, index)  # (S, rows, values)
-                jv = _rows(lin.jvp, self.likelihood)
-                coef = torch.einsum("srd,rd->sr", a, jv)
-                u = torch.einsum("sr,srd->rd", coef, a) / a.shape[0]
-            with torch.no_grad():
-                loss = obj.output_loss(z, lin.targets)
-            return loss, lin.vjp(_unrows(u, z, self.likelihood))
-
-        out = obj._pass(per_batch, "Fisher-vector product", extra_numel=obj.n)[1]
-        assert out is not None
-        return out
+        lin = linearize(obj, self.theta, v, lambda: obj.batch_outputs(batch), self._state)
+        z = lin.outputs
+        c = self._weights(z, lin.targets, index)
+        p = self._probs(z)
+        if self.mc_samples is None:
+            u = c * _rows(self._curvature(p, lin.jvp), self.likelihood)
+        else:
+            # √c ⊙ ∇ log p(ŷ_s|z): then (1/S) Σ_s a_s a_sᵀ has expectation c ⊙ B
+            a = c.clamp_min(0).sqrt() * self._sampled(z, p, index)  # (S, rows, values)
+            jv = _rows(lin.jvp, self.likelihood)
+            coef = torch.einsum("srd,rd->sr", a, jv)
+            u = torch.einsum("sr,srd->rd", coef, a) / a.shape[0]
+        with torch.no_grad():
+            loss = obj.output_loss(z, lin.targets)
+        return loss, lin.vjp(_unrows(u, z, self.likelihood))

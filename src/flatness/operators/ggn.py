@@ -49,22 +49,17 @@ class GGNOperator(CurvatureOperator):
     """
 
     name = "ggn"
+    product_name = "GGN-vector product"
 
     def _init(self) -> None:
         self.objective.require_outputs("curvature='ggn'")
         self._state: dict[str, Any] = {}
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
+    def batch_product(self, batch: Any, v: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         obj = self.objective
-
-        def per_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            lin = linearize(obj, self.theta, v, lambda: obj.batch_outputs(batch), self._state)
-            with torch.enable_grad():
-                z = lin.outputs.requires_grad_(True)
-                loss = obj.output_loss(z, lin.targets)
-                (hjv,) = output_hvp(loss, z, lin.jvp)
-            return loss.detach(), lin.vjp(hjv)
-
-        out = obj._pass(per_batch, "GGN-vector product", extra_numel=obj.n)[1]
-        assert out is not None
-        return out
+        lin = linearize(obj, self.theta, v, lambda: obj.batch_outputs(batch), self._state)
+        with torch.enable_grad():
+            z = lin.outputs.requires_grad_(True)
+            loss = obj.output_loss(z, lin.targets)
+            (hjv,) = output_hvp(loss, z, lin.jvp)
+        return loss.detach(), lin.vjp(hjv)

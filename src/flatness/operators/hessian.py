@@ -31,6 +31,8 @@ class HessianOperator(CurvatureOperator):
     """
 
     name = "hessian"
+    requires = ()
+    product_name = "Hessian-vector product"
 
     @property
     def n_hvp(self) -> int:
@@ -40,16 +42,14 @@ class HessianOperator(CurvatureOperator):
     def reusing_graph(self) -> Iterator[None]:
         """Inside the block, products reuse the kept gradient graphs (freed at the end).
 
-        A no-op for objectives without kept graphs (sharded models: their products are
-        finite differences of FSDP gradient passes).
+        A no-op where the objective keeps no graphs (finite-difference products).
         """
-        scope = getattr(self.objective, "reusing_graph", None)
-        with scope(self.theta) if scope is not None else contextlib.nullcontext():
+        with self.objective.reusing_graph(self.theta):
             yield
 
     @property
     def graph_reused(self) -> bool:
-        return bool(getattr(self.objective, "graph_reused", False))
+        return self.objective.graph_reused
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:
         return self.objective.hvp(v, self.theta)

@@ -28,9 +28,8 @@ from flatness.algorithms.lanczos import (
     lanczos_eigsh,
 )
 from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
-from flatness.objective._fsdp import unsupported
+from flatness.objective import check_options
 from flatness.objective._guard import model_guard
-from flatness.objective._objective import check_options
 from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
 from flatness.results import Result
 
@@ -190,7 +189,6 @@ def parameter_blocks(model: nn.Module, names: list[str], blocks: Blocks) -> dict
 
 
 def _per_block(op: CurvatureOperator, blocks: Blocks, fn: Callable[[CurvatureOperator], Any]) -> BlockSpectra:
-    unsupported("blocks", op.objective.model, "call the function once per parameter selection (params=)")
     groups = parameter_blocks(op.objective.model, op.objective.names, blocks)
     results = {name: fn(op.block(list(members))) for name, members in groups.items()}
     return BlockSpectra(results, groups, sum(r.n_matvec for r in results.values()))
@@ -201,7 +199,7 @@ def _start(op: CurvatureOperator, v0: Any) -> torch.Tensor | None:
         return None
     if isinstance(v0, Mapping):
         return op.objective.flatten(dict(v0))
-    return op.objective._as_vector(v0, "v0")
+    return op.objective.as_vector(v0, "v0")
 
 
 def _dense_topk(op: CurvatureOperator, k: int, which: str, tol: float, ncv: int) -> HessianTopK:
@@ -330,7 +328,8 @@ def hessian_topk(
 
         def solve(o: CurvatureOperator) -> HessianTopK:
             n = o.shape[0]
-            if blocks is not None and n <= (ncv or default_ncv(k, 10**9)):
+            whole = o.objective.supports("whole_vectors")  # eigenvectors as whole vectors here
+            if blocks is not None and whole and n <= (ncv or default_ncv(k, 10**9)):
                 return _dense_topk(o, min(k, n), which, tol, ncv or default_ncv(k, n))
             with o.reusing_graph():
                 res = lanczos_eigsh(
@@ -349,8 +348,8 @@ def hessian_topk(
                     progress=progress,
                 )
             obj = o.objective
-            # A sharded (FSDP) model's eigenvectors are this rank's shards: their shapes.
-            shapes = getattr(obj, "local_shapes", obj.shapes)
+            # Eigenvectors are local vectors: this process's part of each parameter.
+            shapes = obj.local_shapes
             return HessianTopK(
                 **_fields(res),
                 names=tuple(obj.names),

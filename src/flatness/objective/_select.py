@@ -1,0 +1,25 @@
+"""The backend of a model: the one place that tells a sharded model from a model in one process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flatness.objective._backend import Backend, LocalBackend
+from flatness.objective._fsdp import FSDPBackend, check_not_fsdp1, is_sharded
+from flatness.objective._loss import LossModule
+from flatness.objective._params import ParamSpec
+
+__all__ = ["backend_for"]
+
+
+def backend_for(
+    model: nn.Module, module: LossModule, *, params: ParamSpec, dtype: torch.dtype | None, process_group: Any
+) -> Backend:
+    """The backend of ``model``: FSDP2 shards (``fully_shard``) or the whole model in this process."""
+    check_not_fsdp1(model)
+    if is_sharded(model):
+        return FSDPBackend(model, module, params=params, process_group=process_group)
+    return LocalBackend(model, module, params=params, dtype=dtype, process_group=process_group)
