@@ -606,7 +606,7 @@ def test_lbfgsb_direct_driver_equals_scipy_minimize(n, seed, max_iter):
 
     from flatness.algorithms import maximize as _maximize
 
-    if _maximize._setulb is None:
+    if _maximize._LBFGSB is None:
         pytest.skip("this scipy's L-BFGS-B kernel has another interface; minimize() is used")
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((n, n))
@@ -672,7 +672,7 @@ def test_maximize_box_same_result_with_scipy_minimize(monkeypatch):
         return maximize_box(lambda x: (0.5 * x @ H @ x, H @ x), -half, half, x0=half.copy(), max_iter=20)
 
     direct = run()
-    monkeypatch.setattr(_maximize, "_setulb", None)
+    monkeypatch.setattr(_maximize, "_LBFGSB", None)
     fallback = run()
     np.testing.assert_array_equal(direct.x, fallback.x)
     assert (direct.fun, direct.nfev, direct.nit, direct.status, direct.message) == (
@@ -682,26 +682,3 @@ def test_maximize_box_same_result_with_scipy_minimize(monkeypatch):
         fallback.status,
         fallback.message,
     )
-
-
-def test_single_threaded_blas_restores_thread_counts():
-    import scipy.optimize  # noqa: F401  (loads SciPy's OpenBLAS next to NumPy's)
-
-    from flatness._utils.blas import _controls, _loaded_openblas, single_threaded_blas
-
-    libs = [c for c in map(_controls, _loaded_openblas()) if c is not None]
-    if not libs:
-        pytest.skip("no OpenBLAS with thread controls is loaded here (NumPy/SciPy use another BLAS)")
-    original = [int(get()) for get, _ in libs]
-    try:
-        # Two threads each, so that the block has something to change (1 would pass vacuously).
-        for _, set_threads in libs:
-            set_threads(2)
-        assert [int(get()) for get, _ in libs] == [2] * len(libs)
-        with pytest.raises(RuntimeError), single_threaded_blas():
-            assert [int(get()) for get, _ in libs] == [1] * len(libs)
-            raise RuntimeError
-        assert [int(get()) for get, _ in libs] == [2] * len(libs)
-    finally:
-        for (_, set_threads), n in zip(libs, original, strict=True):
-            set_threads(n)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, minimize
 
-from flatness._utils.blas import single_threaded_blas
+from flatness._utils.compat import lbfgsb_kernel, single_threaded_blas
 from flatness.results import Result
 
 __all__ = ["MaximizeResult", "curvature_vertex", "maximize_ball", "maximize_box", "vertex_search"]
@@ -158,7 +158,7 @@ def maximize_box(
     options = {"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol, "maxcor": memory}
     try:
         with single_threaded_blas():
-            if _setulb is not None:
+            if _LBFGSB is not None:
                 nit, status, message = _lbfgsb_direct(negated, start, lower, upper, callback=count, **options)
             else:
                 res = minimize(
@@ -482,27 +482,12 @@ def vertex_search(
     return best_s, used
 
 
-def _find_setulb() -> Callable[..., Any] | None:
-    """scipy's L-BFGS-B kernel when its interface is the one :func:`_lbfgsb_direct` drives.
-
-    ``scipy.optimize.minimize`` turns the bounds into a list of n Python tuples and back and
-    then walks them one coordinate at a time: about 6 s and a GB of Python objects per
-    million parameters. :func:`_lbfgsb_direct` is the same driver loop (scipy >= 1.15, the C
-    kernel) with the bounds prepared by NumPy; other scipy versions use ``minimize``.
-    """
-    try:
-        from scipy.optimize import _lbfgsb
-        from scipy.optimize._lbfgsb_py import status_messages, task_messages
-    except ImportError:
-        return None
-    doc = (getattr(_lbfgsb.setulb, "__doc__", None) or "").replace(" ", "")
-    expected = "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
-    if not doc.startswith(expected) or not isinstance(status_messages, dict) or not task_messages:
-        return None
-    return _lbfgsb.setulb
-
-
-_setulb = _find_setulb()
+# scipy's L-BFGS-B kernel and message tables (a private API, see flatness._utils.compat), or None
+# where its interface differs: then ``scipy.optimize.minimize`` runs instead. ``minimize`` turns
+# the bounds into n Python tuples and back and walks them one coordinate at a time (about 6 s
+# and a GB of Python objects per million parameters); :func:`_lbfgsb_direct` prepares them
+# with NumPy.
+_LBFGSB = lbfgsb_kernel()
 
 
 def _lbfgsb_direct(
@@ -524,9 +509,8 @@ def _lbfgsb_direct(
     the same kernel, arguments, iterates, stopping rules, status and message (tested equal).
     Returns ``(nit, status, message)``; the points are seen through ``fun``.
     """
-    from scipy.optimize._lbfgsb_py import status_messages, task_messages
-
-    assert _setulb is not None
+    assert _LBFGSB is not None
+    setulb, status_messages, task_messages = _LBFGSB
     n, m = x0.shape[0], int(maxcor)
     has_l, has_u = np.isfinite(lower), np.isfinite(upper)
     # nbd: 0 unbounded, 1 lower only, 2 both, 3 upper only (scipy's bounds_map).
@@ -547,7 +531,7 @@ def _lbfgsb_direct(
     nit = 0
     while True:
         g = g.astype(np.float64)
-        _setulb(m, x, low, up, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, maxls, ln_task)
+        setulb(m, x, low, up, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, maxls, ln_task)
         if task[0] == 3:  # f and g wanted at x
             f, g = fun(x.copy())
         elif task[0] == 1:  # a new iterate

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
+from flatness._utils.compat import tree_flatten, tree_unflatten
 from flatness.objective._data import batch_size_of
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
@@ -100,20 +100,20 @@ class EmpiricalFisherOperator(CurvatureOperator):
         with warnings.catch_warnings():  # the pass itself warns about ambiguous sizes
             warnings.simplefilter("ignore")
             rows = batch_size_of(batch)  # the rows, whatever batch_size= counts
-        leaves, spec = pytree.tree_flatten(batch)
+        leaves, spec = tree_flatten(batch)
         mapped = [isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] == rows for t in leaves]
-        dims = pytree.tree_unflatten([0 if b else None for b in mapped], spec)
+        dims = tree_unflatten([0 if b else None for b in mapped], spec)
 
         def row(i: int) -> Any:
             parts = [t[i : i + 1] if b else t for t, b in zip(leaves, mapped, strict=True)]
-            return pytree.tree_unflatten(parts, spec)
+            return tree_unflatten(parts, spec)
 
         sizes = self._sizes(batch, rows, row)
 
         def one(sample: Any) -> torch.Tensor:
-            parts = pytree.tree_flatten(sample)[0]
+            parts = tree_flatten(sample)[0]
             parts = [t.unsqueeze(0) if b else t for t, b in zip(parts, mapped, strict=True)]
-            return obj.batch_loss(pytree.tree_unflatten(parts, spec))
+            return obj.batch_loss(tree_unflatten(parts, spec))
 
         def loop() -> torch.Tensor:
             return torch.stack([obj.batch_loss(row(i)) for i in range(rows)])
