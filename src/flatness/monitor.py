@@ -270,6 +270,20 @@ class Monitor:
         ValueError, TypeError: unknown measure names, a name given twice, ``every`` < 1, empty
             ``measures``, ``options`` keys naming no measure, a bad ``learning_rate``, a keyword
             not every function takes, or one given both as a keyword and in ``options["*"]``.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> monitor = flatness.Monitor(loss_fn, data, every=2, measures=["loss", "top_eigenvalue"])
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> for _ in range(4):
+        ...     _ = monitor.step(model)
+        ...     opt.zero_grad(); loss_fn(model(X), y).backward(); opt.step()
+        >>> [r["step"] for r in monitor.records], sorted(monitor.records[0])
+        ([0, 2], ['loss', 'step', 'time_s', 'top_eigenvalue'])
     """
 
     def __init__(

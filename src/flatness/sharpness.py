@@ -54,6 +54,16 @@ class SharpnessResult(Result):
             non-finite loss at a perturbed point, see :class:`flatness.NonFiniteLossError`).
         epsilon, subspace, max_iter, seed, start: the options used (``subspace``: p, or None
             for the full space).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.sharpness(model, loss_fn, data, epsilon=1e-3, subspace=2)
+        >>> round(res.value, 4), res.subspace, sorted(res.perturbation)
+        (0.0777, 2, ['bias', 'weight'])
     """
 
     value: float
@@ -84,6 +94,16 @@ class AdaptiveSharpnessResult(Result):
         nit, status, message: the optimizer's iterations, status and message.
         rho, p, adaptive, eta, max_iter, seed, start: the options used (``start`` matters
             for p = ∞ only).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.adaptive_sharpness(model, loss_fn, data, rho=0.05, p="inf")
+        >>> res.p, res.adaptive, res.n_evals
+        (inf, True, 5)
     """
 
     value: float
@@ -113,6 +133,16 @@ class AverageSharpnessResult(Result):
         loss: L(θ).
         n_evals: loss passes over the data (the one at θ included).
         rho, n_samples, adaptive, eta, seed: the options used.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.average_sharpness(model, loss_fn, data, rho=0.05, n_samples=4, adaptive=False)
+        >>> res.n_samples, res.adaptive, res.n_evals
+        (4, False, 5)
     """
 
     value: float
@@ -432,6 +462,16 @@ def sharpness(
             inside the box, where φ is then not finite or undefined and the error's ``best``
             holds the result at the best finite point found before (a lower bound, ``status``
             −1).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.sharpness(model, loss_fn, data, epsilon=1e-3)
+        >>> res.value > 0, res.max_loss >= res.loss, res.n_evals
+        (True, True, 5)
     """
     check_options(sharpness, options)
     check_positive("epsilon", epsilon)
@@ -634,6 +674,16 @@ def adaptive_sharpness(
         NonFiniteLossError: the loss is not finite on some batch, at θ or at a perturbed point
             (then with ``best``, the result at the best finite point found, as for
             :func:`sharpness`).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.adaptive_sharpness(model, loss_fn, data, rho=0.05)
+        >>> round(res.value, 4), res.max_loss - res.loss == res.value
+        (0.0292, True)
     """
     check_options(adaptive_sharpness, options)
     check_positive("rho", rho)
@@ -764,6 +814,16 @@ def average_sharpness(
         TypeError: arguments of the wrong type.
         NonFiniteLossError: the loss is not finite on some batch, at θ or at the perturbed point
             of a draw (named): the expectation is then not finite.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.average_sharpness(model, loss_fn, data, rho=0.05, n_samples=8)
+        >>> round(res.value, 4), res.std_error > 0, res.n_evals  # 8 draws + the centre
+        (0.0165, True, 9)
     """
     check_options(average_sharpness, options)
     check_positive("rho", rho)

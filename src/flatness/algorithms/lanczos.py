@@ -71,6 +71,13 @@ class LanczosResult(Result):
         converged: whether every pair met ``residual ≤ tol · max(|λ|, tiny)``.
         n_restarts: thick restarts done.
         which, k, tol, ncv: the options used.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import LanczosResult, lanczos_eigsh
+        >>> res = lanczos_eigsh(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)), k=1)
+        >>> isinstance(res, LanczosResult), res.eigenvectors.shape, bool(res.residuals[0] <= 1e-3 * 20)
+        (True, torch.Size([1, 20]), True)
     """
 
     eigenvalues: torch.Tensor
@@ -315,6 +322,15 @@ def lanczos_step(
 
     Raises:
         ValueError: when the product is not finite.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import as_operator, lanczos_step
+        >>> op = as_operator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+        >>> V = torch.ones(1, 3, dtype=torch.float64) / 3 ** 0.5
+        >>> w, h, r, beta = lanczos_step(op, V, 0)
+        >>> round(h[0].item(), 6), round(beta, 6)
+        (2.0, 0.816497)
     """
     space = op.space
     basis = V if isinstance(V, Basis) else Basis.of(space, V)
@@ -436,6 +452,14 @@ def lanczos_eigsh(
         ValueError, TypeError: for k outside [1, n), tol ≤ 0, unknown ``which``, bad ncv /
             max_matvec / v0 / v0_mix / basis_device / keep_products / min_steps, or a matvec returning the
             wrong size.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import lanczos_eigsh
+        >>> H = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+        >>> res = lanczos_eigsh(H, k=2, tol=1e-8)
+        >>> [round(v, 6) for v in res.eigenvalues.tolist()], res.converged
+        ([30.0, 29.0], True)
     """
     op = as_operator(A, n, device=device, dtype=dtype)
     space = op.space
@@ -630,6 +654,16 @@ def lanczos_tridiagonal(
     Stops early when the Krylov space becomes invariant (β ≤ ε^¾ · max|α|). Memory: up to
     ``steps`` vectors on ``basis_device`` (default: the operator's), allocated as they are used
     (full reorthogonalization, :func:`lanczos_step`).
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import as_operator, lanczos_tridiagonal
+        >>> op = as_operator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+        >>> v = torch.ones(3, dtype=torch.float64) / 3 ** 0.5
+        >>> alpha, beta, n_matvec = lanczos_tridiagonal(op, v, 3)
+        >>> T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+        >>> [round(x, 6) for x in torch.linalg.eigvalsh(T).tolist()], n_matvec
+        ([1.0, 2.0, 3.0], 3)
     """
     space = op.space
     eps = torch.finfo(space.dtype).eps
