@@ -273,9 +273,8 @@ def hessian_topk(
         \\|A v_i - \\lambda_i v_i\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, \\mathrm{tiny})
 
     with A = ∇²L(θ) (default) or the matrix named by ``curvature``. Thick-restart Lanczos with
-    full reorthogonalization (Lanczos 1950; Wu & Simon 2000; see :func:`flatness.lanczos_eigsh`),
-    in place of PyHessian's power iteration with deflation (Yao et al. 2020, arXiv 1912.07145).
-    Like ARPACK, it may return an exactly repeated eigenvalue fewer times than its multiplicity.
+    full reorthogonalization (Lanczos 1950; Wu & Simon 2000; :func:`flatness.lanczos_eigsh`); like
+    ARPACK, it may return an exactly repeated eigenvalue fewer times than its multiplicity.
 
     Cost: one product per Lanczos step (a full data pass, or one backward pass per batch when the
     gradient graphs are kept, see :meth:`flatness.Objective.reusing_graph`), at least
@@ -299,19 +298,17 @@ def hessian_topk(
         v0_mix: weight of the seeded standard Gaussian vector added to the unit ``v0`` (default
             0.3; 0 starts from v0 exactly), so that a new top eigenvector orthogonal to v0 is found.
         curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        blocks: ``"module"``, ``"parameter"`` or ``{block name: [parameter names]}`` for one
-            result per diagonal block (blocks of at most ``ncv`` parameters are solved densely);
-            ``None`` (default) for the whole matrix.
+        blocks: ``"module"``, ``"parameter"`` or ``{name: [parameter names]}``: one result per
+            diagonal block (small blocks solved densely); ``None`` (default): the whole matrix.
         basis_device: where the basis and the eigenvectors live (default: the model's device).
         keep_products: store A V to confirm residuals without extra products: ``True``,
             ``False`` or ``"auto"`` (when they take ≤ 256 MiB).
         min_steps: products before any pair may be accepted; default min(ncv, 11) for k = 1,
             ncv for k > 1 (see :func:`flatness.algorithms.lanczos.default_min_steps`).
         progress: ``True``, a callable ``(step, total, info)``, or False.
-        **options: forwarded to :class:`flatness.Objective` (``params``, ``reduction``,
-            ``dtype``, ``train``, ``batch_loss``, ``batch_outputs``, ``max_batches``,
-            ``batch_size``, ``hvp_mode``, ``data_seed``, ``reuse_graph``) and to the operator
-            (``mc_samples``, ``likelihood``, ``mc_seed`` for the Fisher).
+        **options: forwarded to :class:`flatness.Objective` (``params``, ``dtype``,
+            ``batch_loss``, ``max_batches``, ``hvp_mode``, ``reuse_graph``, ...) and to the
+            operator (``mc_samples``, ``likelihood``, ``mc_seed`` for the Fisher).
 
     Returns:
         :class:`HessianTopK` (or :class:`BlockSpectra` of them with ``blocks``).
