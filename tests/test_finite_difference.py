@@ -288,7 +288,7 @@ def test_fd_guard_warns_on_relu_networks(dtype):
     """ReLU: a kink inside the step adds J/2h to the product; every FD function warns, once.
 
     In float64 (h ≈ 6e-6) random vectors rarely cross a kink, but Lanczos vectors do (see
-    docs/large-models.md).
+    benchmarks/README.md, bench_fd.py).
     """
     model = _act_mlp(nn.ReLU, dtype, width=64)
     x, y = classification_data(256, d=8, dtype=dtype)

@@ -261,7 +261,7 @@ def test_early_stop_keeps_the_extreme_eigenvalue(gap, tol, outliers):
     """Near-degenerate tops (λ₁ − λ₂ = 3–10% of λ₁, 3–10 tol): the early stop returns λ₁, not λ₂.
 
     Closer pairs with more outliers are the regime where a random start can still return λ₂
-    after k + 10 steps (for any Krylov method; measured rates in default_min_steps's docstring):
+    after k + 10 steps (for any Krylov method; measured rates in benchmarks/README.md):
     see test_min_steps_is_the_remedy.
     """
     wrong, counts = [], []

@@ -226,41 +226,32 @@ class Monitor:
     """Records chosen measures every ``every`` steps into a list of rows (JSON / CSV).
 
     Each row is ``{"step", <measures>, "time_s"}`` (plus ``"two_over_lr"`` with a learning
-    rate). ``top_eigenvalue`` records start Lanczos from the previous record's eigenvector
-    (``warm_start``); 2/η beside λ₁ shows the edge of stability of gradient descent with step
-    size η (Cohen et al. 2021, arXiv 2103.00065: λ₁ rises to 2/η and hovers there).
+    rate): 2/η beside λ₁ shows the edge of stability of gradient descent with step size η (Cohen
+    et al. 2021, arXiv 2103.00065). Cost per record: that of each measure's function (e.g.
+    :func:`flatness.hessian_topk` for ``top_eigenvalue``, warm-started from the previous record's
+    eigenvector); nothing between records. The model is left as it was.
 
     Args:
         loss_fn: the loss, as for every flatness function (``None`` with ``batch_loss=``).
-        data: the data the measures are computed on (a held-out or training subset; a fixed
-            list of batches is cheapest).
+        data: the data the measures are computed on (a fixed list of batches is cheapest).
         every: record when the step counter is a multiple of ``every``.
         measures: built-in names (``"loss"``, ``"grad_norm"``, ``"sharpness"``,
             ``"top_eigenvalue"``, ``"trace"``), a mapping column name → built-in name or
             ``callable(model)`` returning a number, or a list mixing both, e.g.
-            ``["loss", {"weight_norm": fn}]`` or ``{"loss": "loss", "weight_norm": fn}``. A
-            ``trace`` column comes with its standard error as ``<name>_std_error``.
-        options: per measure (by column name), keyword options for its function, e.g.
-            ``{"sharpness": {"epsilon": 5e-4}, "trace": {"n_hvp": 30}}``; the key ``"*"``
-            applies to all built-ins (e.g. ``{"*": {"max_batches": 4}}``).
-        learning_rate: η, a number or a ``callable() -> number`` read at each record (for
-            schedules); each row then holds ``two_over_lr`` = 2/η, except where η = 0 (a
-            schedule's last step), where 2/η is infinite and the row has no such column. For plain
-            gradient descent (no momentum) λ₁ > 2/η makes the step unstable along the top
-            eigenvector.
-        warm_start: start each ``top_eigenvalue`` record's Lanczos from the previous record's
-            eigenvector (mapped by parameter name when parameters were frozen or unfrozen
-            since) plus 0.3 times a seeded standard Gaussian vector (``v0_mix`` of
-            :func:`flatness.hessian_topk`); cold starts when False, or when ``options`` give
-            ``v0``.
+            ``["loss", {"weight_norm": fn}]``. A ``trace`` column comes with its standard error
+            as ``<name>_std_error``.
+        options: per column name, keyword options for its function, e.g.
+            ``{"trace": {"n_hvp": 30}}``; the key ``"*"`` applies to all built-ins.
+        learning_rate: η, a number or a ``callable() -> number`` read at each record; each row
+            then holds ``two_over_lr`` = 2/η (no such column where η = 0).
+        warm_start: start each ``top_eigenvalue`` record from the previous record's eigenvector
+            (mapped by parameter name) plus 0.3 times a seeded Gaussian (``v0_mix``); cold
+            starts when False, or when ``options`` give ``v0``.
         progress: ``True`` prints a line per record to stderr; a callable receives
             ``(number of records, None, row)`` after each record.
-        **shared: the options every flatness function takes (those of
-            :class:`flatness.Objective`: ``batch_loss``, ``batch_outputs``, ``batch_size``,
-            ``dtype``, ``params``, ``reduction``, ``train``, ``max_batches``, ``hvp_mode``,
-            ``data_seed``, ``reuse_graph``, ``process_group``), for every built-in measure:
-            ``Monitor(None, data, **lm_loss("causal"), dtype=torch.float64)`` is
-            ``options={"*": {...}}``; options of one measure still override them for it.
+        **shared: options of :class:`flatness.Objective` (``batch_loss``, ``dtype``, ``params``,
+            ``max_batches``, ...) for every built-in measure, as ``options={"*": {...}}``;
+            options of one measure still override them for it.
 
     Attributes:
         records: the rows, oldest first.
@@ -271,6 +262,20 @@ class Monitor:
         ValueError, TypeError: unknown measure names, a name given twice, ``every`` < 1, empty
             ``measures``, ``options`` keys naming no measure, a bad ``learning_rate``, a keyword
             not every function takes, or one given both as a keyword and in ``options["*"]``.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> monitor = flatness.Monitor(loss_fn, data, every=2, measures=["loss", "top_eigenvalue"])
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> for _ in range(4):
+        ...     _ = monitor.step(model)
+        ...     opt.zero_grad(); loss_fn(model(X), y).backward(); opt.step()
+        >>> [r["step"] for r in monitor.records], sorted(monitor.records[0])
+        ([0, 2], ['loss', 'step', 'time_s', 'top_eigenvalue'])
     """
 
     def __init__(

@@ -53,6 +53,16 @@ class SharpnessResult(Result):
             non-finite loss at a perturbed point, see :class:`flatness.NonFiniteLossError`).
         epsilon, subspace, max_iter, seed, start: the options used (``subspace``: p, or None
             for the full space).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.sharpness(model, loss_fn, data, epsilon=1e-3, subspace=2)
+        >>> round(res.value, 4), res.subspace, sorted(res.perturbation)
+        (0.0777, 2, ['bias', 'weight'])
     """
 
     value: float
@@ -83,6 +93,16 @@ class AdaptiveSharpnessResult(Result):
         nit, status, message: the optimizer's iterations, status and message.
         rho, p, adaptive, eta, max_iter, seed, start: the options used (``start`` matters
             for p = ∞ only).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.adaptive_sharpness(model, loss_fn, data, rho=0.05, p="inf")
+        >>> res.p, res.adaptive, res.n_evals
+        (inf, True, 5)
     """
 
     value: float
@@ -112,6 +132,16 @@ class AverageSharpnessResult(Result):
         loss: L(θ).
         n_evals: loss passes over the data (the one at θ included).
         rho, n_samples, adaptive, eta, seed: the options used.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.average_sharpness(model, loss_fn, data, rho=0.05, n_samples=4, adaptive=False)
+        >>> res.n_samples, res.adaptive, res.n_evals
+        (4, False, 5)
     """
 
     value: float
@@ -375,30 +405,16 @@ def sharpness(
         \\frac{\\max_{y \\in C_\\varepsilon} f(x + Ay) - f(x)}{1 + f(x)} \\times 100
 
     Keskar, Mudigere, Nocedal, Smelyanskiy, Tang (2017), "On Large-Batch Training for Deep
-    Learning: Generalization Gap and Sharp Minima", arXiv 1609.04836, Metric 2.1.
+    Learning: Generalization Gap and Sharp Minima", arXiv 1609.04836, Metric 2.1. Defined for
+    f(x) > −1. The maximum is approximated by L-BFGS-B (scipy, float64, ``max_iter`` iterations,
+    as in the paper) from a box vertex: ``start="keskar"`` the gradient-sign vertex;
+    ``start="auto"`` the best point of a search guided by a quadratic model of f over the box
+    (docs: "sharpness"; its quality is measured by ``benchmarks/bench_keskar_quality.py``). The
+    largest loss seen, x included, is reported, so φ ≥ 0. ``subspace=p`` draws A with p
+    orthonormal columns (Haar) from ``seed``; no n × n matrix is formed.
 
-    φ is defined for f(x) > −1 (a loss ≥ 0). The maximum is approximated by L-BFGS-B (scipy,
-    float64) on −f with ``max_iter`` iterations, as in the paper, from a box vertex (at an exact
-    minimum a start at y = 0 cannot ascend): ``start="keskar"`` the gradient-sign vertex
-    sign(Aᵀ∇f(x)) ⊙ e (seeded random signs where the gradient is zero); ``start="auto"`` the
-    best point of a search guided by a quadratic model of f over the box (5 Lanczos steps from
-    that vertex with products from gradient differences, then up to 4 evaluations at the
-    model's best vertices, each refining the model; see docs/sharpness.md). On held-out
-    quadratic families at their minimum (dimension 3–12, ``tests/test_keskar_quality.py``):
-    mean φ / exact φ 0.996, worst 0.82, against 0.969 and 0.71 for the previous default and
-    0.875 and 0.25 for ``"keskar"``. The result is the largest loss seen over every point
-    evaluated, including x itself, so φ ≥ 0.
-
-    Subspace: ``subspace=p`` draws A ∈ R^{n×p} with orthonormal columns (the Q factor of a
-    Gaussian matrix, Haar distributed) from a generator seeded by ``seed``; then A⁺ = Aᵀ and
-    ``subspace=n`` is a random rotation of the full space. A user matrix A (n×p) is used as
-    given, A⁺x by a thin SVD. No n×n matrix is ever formed.
-
-    Cost: ``n_evals`` loss+gradient passes over the data: one at x, then one per evaluation
-    of the start (``"auto"``: up to 9) and of L-BFGS-B, at most ``max_evals`` in all (default
-    ``3 * max_iter + 10``). On smooth losses an iteration takes one or two evaluations; on ReLU
-    networks, where the vertex start is close to the box maximum, L-BFGS-B's line search may
-    spend many evaluations on tiny gains, which the cap bounds.
+    Cost: ``n_evals`` loss+gradient passes: one at x, then at most ``max_evals`` (default
+    ``3 * max_iter + 10``) for the start (``"auto"``: up to 9) and L-BFGS-B.
 
     Args:
         model: the network (left untouched).
@@ -406,15 +422,13 @@ def sharpness(
         data: a DataLoader, an iterable of batches or one ``(inputs, targets)`` batch.
         epsilon: box size ε > 0 (the paper uses 1e-3 and 5e-4).
         subspace: None (full space, A = I), an int p (random A, the paper used p = 100) or
-            an n×p matrix.
+            an n×p matrix (used as given, A⁺x by a thin SVD).
         max_iter: L-BFGS-B iterations (paper: 10).
-        max_evals: cap on the evaluations after x (start and L-BFGS-B); default
-            ``3 * max_iter + 10``. The pass at x comes on top, so ``n_evals <= max_evals + 1``.
+        max_evals: cap on the evaluations after x; ``n_evals <= max_evals + 1``.
         tol: L-BFGS-B stops when the loss rises by less than ``tol * max(|f|, 1)`` in an
-            iteration (scipy's ``ftol``); lower it (e.g. 1e-15) with a large ``max_iter`` to
-            solve to machine precision.
-        start: ``"auto"`` (default; L-BFGS-B from the best point of the model-guided vertex
-            search) or ``"keskar"`` (one L-BFGS-B run from the gradient-sign vertex).
+            iteration (scipy's ``ftol``).
+        start: ``"auto"`` (default) or ``"keskar"`` (one L-BFGS-B run from the gradient-sign
+            vertex).
         seed: seeds the random subspace and the random start signs (a local generator).
         progress: False, True (a line on stderr) or a callable ``(step, total, info)``.
         **options: forwarded to :class:`flatness.Objective` (``params``, ``reduction``,
@@ -428,10 +442,18 @@ def sharpness(
         ValueError: ε ≤ 0, max_iter < 1, p ∉ [1, n], a matrix not of shape (n, p), an unknown
             ``start``, or f(x) ≤ −1 (φ undefined; the message names the alternatives).
         TypeError: arguments of the wrong type.
-        NonFiniteLossError: the loss is not finite on some batch: at θ, or at a perturbed point
-            inside the box, where φ is then not finite or undefined and the error's ``best``
-            holds the result at the best finite point found before (a lower bound, ``status``
-            −1).
+        NonFiniteLossError: the loss is not finite at θ or at a perturbed point; then its
+            ``best`` holds the result at the best finite point found (a lower bound, status −1).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.sharpness(model, loss_fn, data, epsilon=1e-3)
+        >>> res.value > 0, res.max_loss >= res.loss, res.n_evals
+        (True, True, 5)
     """
     check_options(sharpness, options)
     check_positive("epsilon", epsilon)
@@ -590,20 +612,16 @@ def adaptive_sharpness(
         S^\\rho_{\\max} = \\max_{\\|\\delta \\oslash c\\|_p \\le \\rho} L(\\theta + \\delta) - L(\\theta),
         \\qquad c = |\\theta| + \\eta \\ (\\text{adaptive}) \\ \\text{or}\\ c = 1
 
-    Kwon, Kim, Park, Choi (2021), "ASAM: Adaptive Sharpness-Aware Minimization for
-    Scale-Invariant Learning of Deep Neural Networks", arXiv 2102.11600; Andriushchenko,
-    Croce, Müller, Hein, Flammarion (2023), "A Modern Look at the Relationship between
-    Sharpness and Generalization", arXiv 2302.07011. With η = 0 the value is invariant to
-    the rescalings of Dinh et al. (2017, arXiv 1703.04933).
+    Kwon, Kim, Park, Choi (2021), "ASAM", arXiv 2102.11600; Andriushchenko, Croce, Müller,
+    Hein, Flammarion (2023), "A Modern Look at the Relationship between Sharpness and
+    Generalization", arXiv 2302.07011. With η = 0 the value is invariant to the rescalings of
+    Dinh et al. (2017, arXiv 1703.04933). Solved in z = δ ⊘ c: p = ∞ by L-BFGS-B on the box from
+    a vertex chosen by ``start`` (as :func:`sharpness`); p = 2 by projected gradient ascent with
+    Barzilai–Borwein steps on the ball, from ρ ∇_z/‖∇_z‖. The largest loss seen is reported, so
+    the value is ≥ 0.
 
-    Solved in z = δ ⊘ c (∇_z = c ⊙ ∇L). p = ∞: the set is the box |z_i| ≤ ρ, maximized by
-    L-BFGS-B from a vertex chosen by ``start``, as for :func:`sharpness`. p = 2: projected gradient ascent with Barzilai–Borwein steps on the ball
-    ‖z‖ ≤ ρ (monotone; on a convex part it becomes the power method, which at a minimum
-    converges to the top eigenvector of C H C), started at ρ ∇_z/‖∇_z‖, or at a seeded random
-    direction where the gradient is zero. The largest loss seen is reported, so the value ≥ 0.
-
-    Cost: ``n_evals`` loss+gradient passes: one at θ, then ``1 + max_iter`` at most (p = 2:
-    the start and one per step) or one per L-BFGS-B evaluation (p = ∞).
+    Cost: ``n_evals`` loss+gradient passes: one at θ, then at most ``1 + max_iter`` (p = 2) or
+    one per L-BFGS-B evaluation (p = ∞, at most ``max_evals``).
 
     Args:
         model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
@@ -615,10 +633,8 @@ def adaptive_sharpness(
         eta: η ≥ 0 added to |θ| (keeps zero weights perturbable; breaks exact invariance).
         max_iter: ascent iterations (p = 2) or L-BFGS-B iterations (p = ∞).
         max_evals: p = ∞ only: cap on L-BFGS-B's evaluations; default ``3 * max_iter + 10``.
-            The pass at θ comes on top, so ``n_evals <= max_evals + 1``.
-        tol: p = ∞ only: L-BFGS-B's relative-increase stopping tolerance (scipy's ``ftol``),
-            applied to the gain L(θ + δ) − L(θ) in units of the start vertex's gain, so that it
-            is relative however small the box (|θ| + η ≈ 1e-5 at an exact minimum included).
+        tol: p = ∞ only: L-BFGS-B's relative-increase tolerance (scipy's ``ftol``), applied to
+            the gain in units of the start vertex's gain.
         start: p = ∞ only: ``"auto"`` or ``"keskar"``, as for :func:`sharpness`.
         seed: seeds the random start (a local generator).
         progress: False, True or a callable ``(step, total, info)``.
@@ -631,9 +647,18 @@ def adaptive_sharpness(
     Raises:
         ValueError: ρ ≤ 0, p not 2 or ∞, η < 0, max_iter < 1, an unknown ``start``.
         TypeError: arguments of the wrong type.
-        NonFiniteLossError: the loss is not finite on some batch, at θ or at a perturbed point
-            (then with ``best``, the result at the best finite point found, as for
-            :func:`sharpness`).
+        NonFiniteLossError: the loss is not finite at θ or at a perturbed point (then with
+            ``best``, as for :func:`sharpness`).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.adaptive_sharpness(model, loss_fn, data, rho=0.05)
+        >>> round(res.value, 4), res.max_loss - res.loss == res.value
+        (0.0292, True)
     """
     check_options(adaptive_sharpness, options)
     check_positive("rho", rho)
@@ -764,6 +789,16 @@ def average_sharpness(
         TypeError: arguments of the wrong type.
         NonFiniteLossError: the loss is not finite on some batch, at θ or at the perturbed point
             of a draw (named): the expectation is then not finite.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> res = flatness.average_sharpness(model, loss_fn, data, rho=0.05, n_samples=8)
+        >>> round(res.value, 4), res.std_error > 0, res.n_evals  # 8 draws + the centre
+        (0.0165, True, 9)
     """
     check_options(average_sharpness, options)
     check_positive("rho", rho)

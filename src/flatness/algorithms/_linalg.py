@@ -44,6 +44,20 @@ class LinearOperator(Protocol):
 
     An optional ``space`` attribute (a :class:`VectorSpace`) says how its vectors are stored
     and combined; without it they are whole vectors of length n in one process.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import LinearOperator, lanczos_eigsh
+        >>> class Scaled:
+        ...     shape = (4, 4)
+        ...     dtype = torch.float64
+        ...     device = torch.device("cpu")
+        ...     def matvec(self, v):
+        ...         return torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=v.dtype) * v
+        >>> isinstance(Scaled(), LinearOperator)
+        True
+        >>> round(lanczos_eigsh(Scaled(), k=1, tol=1e-10).eigenvalues.item(), 6)
+        4.0
     """
 
     shape: tuple[int, int]
@@ -69,6 +83,13 @@ class VectorSpace:
     Attributes:
         n: the global length of a vector.
         n_local: how many of its entries this process holds (``n`` here; less in a sharded space).
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import VectorSpace
+        >>> space = VectorSpace(3, dtype=torch.float64, device="cpu")
+        >>> space.norm(torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64)), space.n_local
+        (5.0, 3)
     """
 
     def __init__(self, n: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -131,7 +152,15 @@ class VectorSpace:
 
 
 class Operator:
-    """An operator in the algorithms' normal form: a checked ``matvec`` and its :class:`VectorSpace`."""
+    """An operator in the algorithms' normal form: a checked ``matvec`` and its :class:`VectorSpace`.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import Operator, as_operator
+        >>> op = as_operator(torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+        >>> isinstance(op, Operator), op.matvec(torch.ones(2, dtype=torch.float64)).tolist()
+        (True, [1.0, 2.0])
+    """
 
     def __init__(self, matvec: Matvec, space: VectorSpace) -> None:
         self._matvec = matvec
@@ -192,6 +221,13 @@ def as_operator(
 
     Raises:
         TypeError, ValueError: for an unsupported or non-square operator, or a size mismatch.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import as_operator
+        >>> op = as_operator(lambda v: 2 * v, n=3)  # a plain callable needs its size
+        >>> op.n, op.space.dtype, op.matvec(torch.ones(3, dtype=torch.float64)).tolist()
+        (3, torch.float64, [2.0, 2.0, 2.0])
     """
     space: VectorSpace | None = None
     if isinstance(A, torch.Tensor):

@@ -43,6 +43,13 @@ class DensityResult(Result):
         n_matvec: operator products used.
         sigma: the Gaussian width used.
         n_runs, n_steps: the options used.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import DensityResult, slq_density
+        >>> res = slq_density(torch.eye(5, dtype=torch.float64), n_runs=1, n_steps=3)
+        >>> isinstance(res, DensityResult), res.nodes.shape, round(res.weights.sum().item(), 6)
+        (True, torch.Size([1, 3]), 1.0)
     """
 
     grid: torch.Tensor
@@ -98,6 +105,14 @@ def slq_density(
 
     Raises:
         ValueError, TypeError: for non-positive n_runs / n_steps / sigma, or a bad grid.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import slq_density
+        >>> H = torch.diag(torch.linspace(-1.0, 1.0, 40, dtype=torch.float64))
+        >>> res = slq_density(H, n_runs=2, n_steps=10, grid=200)
+        >>> res.density.shape, round(torch.trapezoid(res.density, res.grid).item(), 3), res.n_matvec
+        (torch.Size([200]), 1.0, 20)
     """
     op = as_operator(A, n, device=device, dtype=dtype)
     n = op.n

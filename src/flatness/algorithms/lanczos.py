@@ -71,6 +71,13 @@ class LanczosResult(Result):
         converged: whether every pair met ``residual ≤ tol · max(|λ|, tiny)``.
         n_restarts: thick restarts done.
         which, k, tol, ncv: the options used.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import LanczosResult, lanczos_eigsh
+        >>> res = lanczos_eigsh(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)), k=1)
+        >>> isinstance(res, LanczosResult), res.eigenvectors.shape, bool(res.residuals[0] <= 1e-3 * 20)
+        (True, torch.Size([1, 20]), True)
     """
 
     eigenvalues: torch.Tensor
@@ -102,38 +109,24 @@ def default_ncv(k: int, n: int, bytes_per_vector: int = 0) -> int:
 def default_min_steps(k: int, m: int) -> int:
     """Lanczos steps before a pair may be accepted: min(m, 11) for k = 1, m for k > 1.
 
-    For one eigenpair the guard is min(m, k + GUARD_STEPS) = min(m, 11). For k > 1 it is the
-    basis size m, ARPACK's first check: a wanted set can lose a member to an eigenvalue that
-    enters the Krylov space later, while the k pairs already present all pass the residual test.
-    Measured on the batch-size study's hybrid network (top-5 at tol 1e-3, n = 4,810): accepting
-    after k + 10 = 15 steps returned λ₆ = 0.0645 for λ₅ = 0.0701 (8% apart, not a near-degenerate
-    pair) from 1 of 4 start vectors, and on the small-batch network from 1 of 20; after m = 20
-    steps from none.
+    A small Krylov space can hold a pair that passes the residual test but is not the extreme
+    one: the start's weight c₁ on the top eigenvector has not yet been amplified over its weight
+    c₂ on the next. After j steps it has grown like T_{j−k}(1 + 2γ), γ = (λ₁ − λ₂)/(λ₂ − λ_min)
+    (Kaniel–Paige–Saad), so for a random start (c₁/c₂ Cauchy-distributed) the risk is about
+    (2/π)(tol·|λ|/(λ₁ − λ₂)) / T_{j−k}(1 + 2γ): negligible for a separated top, a few percent
+    when λ₁ − λ₂ is a few ``tol``, for every Krylov method. For k = 1 the guard is k + 10 = 11
+    steps; for k > 1 it is the basis size m, ARPACK's first check, since the last of k wanted
+    pairs can be displaced by an eigenvalue that enters the space late. Never more than m: a
+    basis chosen smaller (``ncv``) is checked once full. Steps count across restarts;
+    ``min_steps=`` overrides the default. Measured failure rates against the guard:
+    ``benchmarks/README.md`` (``bench_topk.py``, ``bench_monitor_warmstart.py``).
 
-    Never more than the basis size m: a basis chosen smaller (``ncv``) is checked once full, as
-    ARPACK does, which is the choice to accept a small Krylov space (e.g. for a warm start).
+    Args:
+        k: the number of wanted eigenpairs.
+        m: the basis size (``ncv``).
 
-    A small Krylov space can hold a pair whose residual is already below the tolerance but which
-    is not the extreme one: the start vector's weight c₁ on the extreme eigenvector has not yet
-    been amplified over the weight c₂ on the next. After j steps it has grown relative to c₂ like
-    the Chebyshev polynomial T_{j−k}(1 + 2γ) (Kaniel–Paige–Saad; γ = (λ₁ − λ₂)/(λ₂ − λ_min)),
-    and λ₂'s pair can pass the test only while |c₁/c₂| ≲ (tol·|λ|/(λ₁ − λ₂)) / T_{j−k}(1 + 2γ).
-    For a random start c₁/c₂ is Cauchy-distributed, so this has probability about
-    (2/π)(tol·|λ|/(λ₁ − λ₂)) / T_{j−k}(1 + 2γ): negligible when the top is separated
-    (T₁₀(1.4) ≈ 3·10³ at γ = 0.2), a few percent when λ₁ − λ₂ is only 3–10 tol and ≈ 1% of λ₁
-    — for every Krylov method; more steps make it rarer, none make it impossible.
-
-    Measured over 40 random starts on spectra with λ₂ = (1 − gap)λ₁, 5–10 outliers and a bulk
-    near 0 (docs: "large models"), accepting after k + 4 steps returned λ₂ in up to 25% of the
-    starts, after k + 10 in 0% when the gap is ≥ 3% of λ₁ and ≥ 3 tol with 5 outliers and up to
-    10% for gaps of 1% at 3 tol, after 20 steps (ARPACK's first check for k = 1) in none. The
-    steps are counted across restarts; ``min_steps=`` overrides the default.
-
-    A warm start v0 (a previous eigenvector) that has become the *second* eigenvector (a
-    crossing) has c₁/c₂ ≈ ``v0_mix`` · z (z standard normal) instead of a Cauchy ratio, so the
-    same bound gives a probability about 1/``v0_mix`` ≈ 3 times a random start's. Measured
-    (``benchmarks/bench_monitor_warmstart.py``: λ₁ = 1, λ₂ = 0.95, v0 = λ₂'s eigenvector, tol
-    1e-3, 1,000 starts each): see the "monitor" page of the docs for the rates and products.
+    Returns:
+        The number of steps.
     """
     return min(m, k + GUARD_STEPS) if k == 1 else m
 
@@ -315,6 +308,15 @@ def lanczos_step(
 
     Raises:
         ValueError: when the product is not finite.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import as_operator, lanczos_step
+        >>> op = as_operator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+        >>> V = torch.ones(1, 3, dtype=torch.float64) / 3 ** 0.5
+        >>> w, h, r, beta = lanczos_step(op, V, 0)
+        >>> round(h[0].item(), 6), round(beta, 6)
+        (2.0, 0.816497)
     """
     space = op.space
     basis = V if isinstance(V, Basis) else Basis.of(space, V)
@@ -374,18 +376,14 @@ def lanczos_eigsh(
         \\|H y - \\theta y\\| \\le \\mathrm{tol}\\cdot\\max(|\\theta|, \\mathrm{tiny})
 
     Lanczos (1950) with full reorthogonalization (classical Gram–Schmidt, twice) and thick
-    restart (Wu & Simon 2000). Each step costs one matvec; each restart keeps
-    p = k + ⌊(m − k)/2⌋ Ritz vectors (m = ``ncv``). After every step the residuals the Lanczos
-    relation implies (|β_j s_j|, Paige 1971) are checked; once all k are below the tolerance,
-    and at least ``min_steps`` steps are done (min(m, 11) for k = 1, m for k > 1: a guard against a
-    converged but not extreme pair of a small Krylov space, see :func:`default_min_steps`), the
-    true residuals
-    ‖H y − θ y‖ are confirmed — by one product per pair, or from the stored products with
-    ``keep_products`` — and the pairs returned if they pass.
+    restart (Wu & Simon 2000), keeping p = k + ⌊(m − k)/2⌋ Ritz vectors per restart (m =
+    ``ncv``). The residuals implied by the Lanczos relation (|β_j s_j|, Paige 1971) are checked
+    after every step; once all k pass and at least ``min_steps`` steps are done (see
+    :func:`default_min_steps`), the true residuals are confirmed and the pairs returned.
 
-    Memory, in vectors of n numbers: j + 1 on ``basis_device`` after j steps (at most m + 1),
-    plus k Ritz vectors at the end, plus m more with ``keep_products``; on the operator's device,
-    when the basis is elsewhere, one vector and the product.
+    Cost: one matvec per step, plus k for the confirmation unless the products are stored.
+    Memory, in vectors of n numbers: j + 1 on ``basis_device`` after j steps (at most m + 1), k
+    Ritz vectors, m more with ``keep_products``.
 
     Args:
         A: the symmetric operator: a linear operator (``matvec``, ``shape``, ``dtype``,
@@ -396,36 +394,24 @@ def lanczos_eigsh(
         which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"magnitude"`` (largest |λ|).
         tol: relative residual tolerance, > 0.
         ncv: basis size m (k < m ≤ n); default max(2k + 1, 20), or max(2k + 1, 10) when
-            m + 1 vectors of n numbers would take more than 256 MiB (see :func:`default_ncv`),
-            capped at n.
+            m + 1 vectors would take more than 256 MiB (see :func:`default_ncv`), capped at n.
         max_matvec: stop after this many products (``converged=False``); default 100·m. Without
             stored products, k of them are kept back for the final confirmation.
         v0: starting vector (default: seeded Gaussian), e.g. a previous eigenvector (a warm
-            start); it is normalized and ``v0_mix`` times a seeded standard Gaussian vector is
-            added (see ``v0_mix``).
-        v0_mix: weight of the random part of a given ``v0``: the start is
-            v0/‖v0‖ + v0_mix · g with g ~ N(0, I_n), so that every eigendirection carries weight
-            ≈ ``v0_mix`` against v0's 1 (default 0.3; 0 starts from v0 exactly). An eigenvector
-            that v0 misses — the new top one after an eigenvalue crossing, when v0 is the old
-            top eigenvector — then starts about ``1/v0_mix`` times weaker than from a random
-            start, whatever n (measured for n = 300 to 100,000), and the guard (``min_steps``)
-            still finds it (see :func:`default_min_steps`). A smaller ``v0_mix`` saves products
-            when v0 is good and loses crossings: a *unit* random part of weight 0.1 (each
-            direction 0.1/√n) with a basis of 8 returned λ₂ in up to 88% of crossings.
+            start); it is normalized and ``v0_mix`` times a seeded standard Gaussian is added.
+        v0_mix: weight of that random part (default 0.3; 0 starts from v0 exactly): every
+            eigendirection then starts with weight ≈ ``v0_mix`` against v0's 1, so that an
+            eigenvector v0 misses (after an eigenvalue crossing) is still found.
         seed: seed of the local generator for the start (and any breakdown) vector.
         device: where and in which precision the operator's vectors live (default: the
             operator's; CPU and float64 for callables and arrays).
         dtype: as ``device``.
-        basis_device: where the Lanczos basis lives (default: ``device``); e.g. ``"cpu"`` to keep
-            it in host memory while the operator (a model) is on a GPU — each step then moves one
-            vector to the operator and its product back. The eigenvectors are returned there.
+        basis_device: where the basis and the returned eigenvectors live (default: ``device``),
+            e.g. ``"cpu"`` while the operator is on a GPU (two transfers of n numbers per step).
         keep_products: store the products H V (m more vectors) so that true residuals need no
-            extra product: ``True``, ``False``, or ``"auto"`` (default: store them when they take
-            at most 256 MiB, where their memory does not matter).
-        min_steps: Lanczos steps before any pair may be accepted; default min(m, 11) for k = 1
-            and m for k > 1 (see :func:`default_min_steps`). Raise it (e.g. to 20, ARPACK's first
-            check for k = 1) when the top eigenvalues may be only a few ``tol`` apart, or for a
-            warm start ``v0`` with ``v0_mix`` below its default or a basis ``ncv`` below 11.
+            extra product: ``True``, ``False``, or ``"auto"`` (when they take ≤ 256 MiB).
+        min_steps: steps before any pair may be accepted; default min(m, 11) for k = 1 and m
+            for k > 1. Raise it (e.g. to 20) when the top eigenvalues may be a few ``tol`` apart.
         progress: ``True`` for a progress line, a callable ``(step, total, info)``, or False.
 
     Returns:
@@ -434,8 +420,16 @@ def lanczos_eigsh(
 
     Raises:
         ValueError, TypeError: for k outside [1, n), tol ≤ 0, unknown ``which``, bad ncv /
-            max_matvec / v0 / v0_mix / basis_device / keep_products / min_steps, or a matvec returning the
-            wrong size.
+            max_matvec / v0 / v0_mix / basis_device / keep_products / min_steps, or a matvec
+            returning the wrong size.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import lanczos_eigsh
+        >>> H = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+        >>> res = lanczos_eigsh(H, k=2, tol=1e-8)
+        >>> [round(v, 6) for v in res.eigenvalues.tolist()], res.converged
+        ([30.0, 29.0], True)
     """
     op = as_operator(A, n, device=device, dtype=dtype)
     space = op.space
@@ -630,6 +624,16 @@ def lanczos_tridiagonal(
     Stops early when the Krylov space becomes invariant (β ≤ ε^¾ · max|α|). Memory: up to
     ``steps`` vectors on ``basis_device`` (default: the operator's), allocated as they are used
     (full reorthogonalization, :func:`lanczos_step`).
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import as_operator, lanczos_tridiagonal
+        >>> op = as_operator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+        >>> v = torch.ones(3, dtype=torch.float64) / 3 ** 0.5
+        >>> alpha, beta, n_matvec = lanczos_tridiagonal(op, v, 3)
+        >>> T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+        >>> [round(x, 6) for x in torch.linalg.eigvalsh(T).tolist()], n_matvec
+        ([1.0, 2.0, 3.0], 3)
     """
     space = op.space
     eps = torch.finfo(space.dtype).eps

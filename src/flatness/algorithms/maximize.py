@@ -28,7 +28,17 @@ FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
 
 @dataclasses.dataclass(frozen=True)
 class MaximizeResult(Result):
-    """The best point seen and how it was found (like ``scipy.optimize.OptimizeResult``)."""
+    """The best point seen and how it was found (like ``scipy.optimize.OptimizeResult``).
+
+    Examples:
+        >>> import numpy as np
+        >>> from flatness.algorithms import MaximizeResult, maximize_box
+        >>> def f_and_grad(x):  # linear: the maximum is the corner (1, 1)
+        ...     return float(x.sum()), np.ones_like(x)
+        >>> res = maximize_box(f_and_grad, -np.ones(2), np.ones(2), x0=np.zeros(2), max_iter=5)
+        >>> isinstance(res, MaximizeResult), res.x.tolist(), res.fun
+        (True, [1.0, 1.0], 2.0)
+    """
 
     x: np.ndarray
     fun: float
@@ -124,6 +134,16 @@ def maximize_box(
 
     Raises:
         ValueError: for bounds of the wrong shape, ``lower > upper`` or ``max_iter < 1``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from flatness.algorithms import maximize_box
+        >>> c = np.array([2.0, -0.5])
+        >>> def f_and_grad(x):  # concave, peak at c
+        ...     return float(-((x - c) ** 2).sum()), -2 * (x - c)
+        >>> res = maximize_box(f_and_grad, -np.ones(2), np.ones(2), x0=np.zeros(2), max_iter=20)
+        >>> np.round(res.x, 6).tolist(), round(res.fun, 6)
+        ([1.0, -0.5], -1.0)
     """
     lower = _vector("lower", lower)
     n = lower.shape[0]
@@ -211,6 +231,17 @@ def curvature_vertex(
 
     Returns:
         ``(signs, evaluations)``: a ±1 vector (ties broken towards +1) and the calls made.
+
+    Examples:
+        >>> import numpy as np
+        >>> from flatness.algorithms import curvature_vertex
+        >>> H = np.array([[2.0, 1.0, 0.5], [1.0, 2.0, 0.5], [0.5, 0.5, 1.0]])
+        >>> def f_and_grad(x):
+        ...     return float(x @ H @ x / 2), H @ x
+        >>> z0 = np.array([1.0, 0.2, 0.3])
+        >>> s, calls = curvature_vertex(f_and_grad, np.ones(3), g0=np.zeros(3), z0=z0, steps=4)
+        >>> (s * s[0]).tolist(), calls  # ±(1, 1, 1): the top eigenvector's signs
+        ([1.0, 1.0, 1.0], 3)
     """
     half = _vector("half", half)
     n = half.shape[0]
@@ -380,6 +411,17 @@ def vertex_search(
     Returns:
         ``(s, evaluations)``: the best point evaluated (by f, in units of ``half``: the box is
         [−1, 1]ⁿ; z0's sign vector where none was) and the calls made.
+
+    Examples:
+        >>> import numpy as np
+        >>> from flatness.algorithms import vertex_search
+        >>> H = np.array([[2.0, 1.0, 0.5], [1.0, 2.0, 0.5], [0.5, 0.5, 1.0]])
+        >>> def f_and_grad(x):
+        ...     return float(x @ H @ x / 2), H @ x
+        >>> rng = np.random.default_rng(0)
+        >>> s, calls = vertex_search(f_and_grad, np.ones(3), g0=np.zeros(3), z0=np.ones(3), steps=2, probes=2, rng=rng)
+        >>> np.abs(s).tolist(), calls
+        ([1.0, 1.0, 1.0], 3)
     """
     half = _vector("half", half)
     n = half.shape[0]
@@ -576,6 +618,16 @@ def maximize_ball(
 
     Raises:
         ValueError: for ``radius <= 0`` or ``max_iter < 0``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from flatness.algorithms import maximize_ball
+        >>> M = np.diag([3.0, 1.0])
+        >>> def f_and_grad(x):  # a convex quadratic: its maximum on the sphere is the top eigenvector
+        ...     return float(x @ M @ x / 2), M @ x
+        >>> res = maximize_ball(f_and_grad, radius=1.0, x0=np.array([0.6, 0.8]), max_iter=50)
+        >>> np.round(np.abs(res.x), 4).tolist(), round(res.fun, 4)
+        ([1.0, 0.0], 1.5)
     """
     if not radius > 0:
         raise ValueError(f"radius: got {radius}; expected > 0")

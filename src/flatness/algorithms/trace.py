@@ -38,6 +38,13 @@ class TraceResult(Result):
         method: ``"hutchinson"`` or ``"hutch++"``.
         n_probes: Rademacher probes in the (residual) Hutchinson part.
         sketch_size: columns of the Hutch++ sketch (0 for Hutchinson).
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import TraceResult, hutchpp
+        >>> res = hutchpp(torch.eye(6, dtype=torch.float64), n_matvec=6)
+        >>> isinstance(res, TraceResult), res.method, round(res.estimate, 6)
+        (True, 'hutch++', 7.333333)
     """
 
     estimate: float
@@ -108,6 +115,16 @@ def hutchinson(
 
     Raises:
         ValueError, TypeError: for n_matvec < 2 or bad arguments.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import hutchinson
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(50, 50, dtype=torch.float64)
+        >>> H = A @ A.T
+        >>> res = hutchinson(H, n_matvec=200)
+        >>> round(res.estimate / H.trace().item(), 1), res.n_matvec
+        (1.0, 200)
     """
     op = as_operator(A, n, device=device, dtype=dtype)
     check_positive("n_matvec", n_matvec, integer=True)
@@ -158,6 +175,16 @@ def hutchpp(
 
     Raises:
         ValueError, TypeError: for n_matvec < 4 or bad arguments.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import hutchpp
+        >>> _ = torch.manual_seed(0)
+        >>> A = torch.randn(50, 50, dtype=torch.float64)
+        >>> H = A @ A.T
+        >>> res = hutchpp(H, n_matvec=60)
+        >>> round(res.estimate / H.trace().item(), 1), res.sketch_size
+        (1.0, 20)
     """
     op = as_operator(A, n, device=device, dtype=dtype)
     space = op.space
@@ -194,7 +221,15 @@ def trace_estimate(
     dtype: torch.dtype | None = None,
     progress: ProgressArg = False,
 ) -> TraceResult:
-    """tr(H) by ``method`` (``"hutch++"`` or ``"hutchinson"``); see :func:`hutchpp`, :func:`hutchinson`."""
+    """tr(H) by ``method`` (``"hutch++"`` or ``"hutchinson"``); see :func:`hutchpp`, :func:`hutchinson`.
+
+    Examples:
+        >>> import torch
+        >>> from flatness.algorithms import trace_estimate
+        >>> H = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> trace_estimate(H, method="hutchinson", n_matvec=4).estimate  # exact for a diagonal H
+        55.0
+    """
     check_choice("method", method, METHODS)
     fn = hutchpp if method == "hutch++" else hutchinson
     return fn(A, n, n_matvec=n_matvec, seed=seed, device=device, dtype=dtype, progress=progress)

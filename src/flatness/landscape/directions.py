@@ -191,6 +191,18 @@ def random_direction(
 
     Raises:
         ValueError: unknown normalization. TypeError: a seed that is not an int.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> d = flatness.random_direction(model, seed=1)
+        >>> {name: tuple(t.shape) for name, t in d.items()}
+        {'weight': (1, 3), 'bias': (1,)}
+        >>> bool(torch.isclose(d["weight"].norm(), model.weight.norm())), d["bias"].abs().max().item()
+        (True, 0.0)
     """
     _check_normalization(normalization)
     named = _named(model, params)
@@ -234,6 +246,17 @@ def eigen_directions(
     Raises:
         ValueError: vectors of the wrong length, dicts with wrong keys or shapes, none given.
         TypeError: anything else.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> top = flatness.hessian_topk(model, loss_fn, data, k=2)
+        >>> dirs = flatness.eigen_directions(model, top)
+        >>> len(dirs), {name: tuple(t.shape) for name, t in dirs[0].items()}
+        (2, {'weight': (1, 3), 'bias': (1,)})
     """
     named, n = _flat_names(model, params)
     if hasattr(eigenvectors, "eigenvectors") and not isinstance(eigenvectors, (torch.Tensor, np.ndarray)):
@@ -325,6 +348,21 @@ def pca_directions(
 
     Raises:
         ValueError: too few checkpoints, mismatched names or shapes. TypeError: bad types.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> checkpoints = []
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> for _ in range(5):
+        ...     checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
+        ...     opt.zero_grad(); loss_fn(model(X), y).backward(); opt.step()
+        >>> pca = flatness.pca_directions(model, checkpoints, n_components=2)
+        >>> len(pca.directions), pca.coordinates.shape, bool(pca.explained_variance_ratio[0] > 0.9)
+        (2, (5, 2), True)
     """
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components <= 0:
         raise ValueError(f"n_components: got {n_components!r}; expected a positive int")

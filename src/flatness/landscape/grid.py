@@ -406,6 +406,16 @@ def landscape_1d(
     Raises:
         ValueError: empty grid, direction with wrong keys or shapes, mismatched resume file.
         TypeError: arguments of the wrong type.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> line = flatness.landscape_1d(model, loss_fn, data, alphas=torch.linspace(-1, 1, 5))
+        >>> line.loss.shape, bool(line.loss[2] == line.loss.min())
+        ((5,), False)
     """
     check_options(landscape_1d, options)
     _check_normalization(normalization)
@@ -498,6 +508,17 @@ def landscape_2d(
     Raises:
         ValueError: empty grid, directions with wrong keys or shapes or not two of them,
             mismatched resume file. TypeError: arguments of the wrong type.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> a = torch.linspace(-1, 1, 3)
+        >>> grid = flatness.landscape_2d(model, loss_fn, data, alphas=a, betas=a)
+        >>> grid.loss.shape
+        (3, 3)
     """
     check_options(landscape_2d, options)
     _check_normalization(normalization)
@@ -615,6 +636,17 @@ def interpolate(
 
     Raises:
         ValueError: models of different structure, empty grid. TypeError: bad argument types.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> other = torch.nn.Linear(3, 1).double()
+        >>> path = flatness.interpolate(model, other, loss_fn, data, alphas=[0.0, 0.5, 1.0])
+        >>> path.loss.shape, round(float(path.loss[0]), 6) == round(loss_fn(model(X), y).item(), 6)
+        ((3,), True)
     """
     check_options(interpolate, options)
     for name, m in (("model_a", model_a), ("model_b", model_b)):

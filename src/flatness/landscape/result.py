@@ -132,6 +132,20 @@ def load_landscape(path: str | os.PathLike[str]) -> LandscapeResult:
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a flatness landscape result (naming ``path``).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> import os, tempfile
+        >>> line = flatness.landscape_1d(model, loss_fn, data, alphas=[-0.5, 0.0, 0.5])
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     line.save(os.path.join(tmp, "line.npz"))
+        ...     again = flatness.load_landscape(os.path.join(tmp, "line.npz"))
+        >>> type(again).__name__, bool((again.loss == line.loss).all())
+        ('Landscape1D', True)
     """
     try:
         return _load(path)

@@ -65,6 +65,16 @@ def curvature_operator(
 
     Returns:
         A :class:`CurvatureOperator`: ``op @ v``, ``op.to_scipy()``, ``op.dense()``, ``op.block(params)``.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> op = flatness.curvature_operator(model, loss_fn, data, curvature="empirical_fisher")
+        >>> type(op).__name__, op.shape, torch.allclose(op.dense(), op.dense().T)
+        ('EmpiricalFisherOperator', (4, 4), True)
     """
     return operator_class(curvature)(model, loss_fn, data, **options)
 

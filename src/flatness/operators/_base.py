@@ -43,6 +43,18 @@ class CurvatureOperator:
         shape: ``(n, n)`` with n the number of chosen parameters.
         n_matvec: products done so far (one full pass over the data each).
         objective: the underlying :class:`flatness.Objective`.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> op = flatness.curvature_operator(model, loss_fn, data, curvature="ggn")
+        >>> isinstance(op, flatness.CurvatureOperator), op.shape
+        (True, (4, 4))
+        >>> (op @ torch.ones(4, dtype=torch.float64)).shape, op.n_matvec
+        (torch.Size([4]), 1)
     """
 
     #: the ``curvature=`` name of the operator.

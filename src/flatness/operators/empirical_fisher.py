@@ -58,6 +58,21 @@ class EmpiricalFisherOperator(CurvatureOperator):
             rows all have size 0.
         NonFiniteLossError: (from the pass) a sample with a loss whose loss or gradient is not
             finite.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> op = flatness.EmpiricalFisherOperator(model, loss_fn, data)
+        >>> def sample_grad(x, y):
+        ...     model.zero_grad()
+        ...     loss_fn(model(x[None]), y[None]).backward()
+        ...     return torch.cat([model.weight.grad.flatten(), model.bias.grad])
+        >>> g = torch.stack([sample_grad(x, y) for x, y in zip(X, y)])
+        >>> torch.allclose(op.dense(), g.T @ g / 16)  # (1/N) sum_i g_i g_i^T
+        True
     """
 
     name = "empirical_fisher"

@@ -89,6 +89,20 @@ class FisherOperator(CurvatureOperator):
             with a loss that is not softmax cross-entropy), or a loss linear in outputs that are
             not log-probabilities (``F.nll_loss`` of raw logits).
         NonFiniteLossError: (Monte-Carlo) outputs that are not finite: no distribution to draw from.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 4).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randint(0, 4, (16,))
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.cross_entropy
+        >>> F = flatness.FisherOperator(model, loss_fn, data)
+        >>> G = flatness.GGNOperator(model, loss_fn, data)
+        >>> torch.allclose(F.dense(), G.dense())  # softmax cross-entropy: F = GGN
+        True
+        >>> F_mc = flatness.FisherOperator(model, loss_fn, data, mc_samples=64)
+        >>> F_mc.shape
+        (16, 16)
     """
 
     name = "fisher"

@@ -46,6 +46,17 @@ class GGNOperator(CurvatureOperator):
     Needs the outputs separately from the loss: ``loss_fn`` with ``(inputs, targets)`` batches,
     or ``batch_outputs=lambda model, batch: (outputs, targets)``; an opaque ``batch_loss``
     raises a ``TypeError`` saying so.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> G = flatness.GGNOperator(model, loss_fn, data)
+        >>> H = flatness.HessianOperator(model, loss_fn, data)
+        >>> torch.allclose(G.dense(), H.dense())  # a linear model has no curvature of its own
+        True
     """
 
     name = "ggn"

@@ -28,6 +28,17 @@ class HessianOperator(CurvatureOperator):
         shape: ``(n, n)`` with n the number of chosen parameters.
         n_hvp: Hessian-vector products done by the objective so far.
         objective: the underlying :class:`flatness.Objective`.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> H = flatness.HessianOperator(model, loss_fn, data)
+        >>> A = torch.cat([X, torch.ones(16, 1).double()], 1)
+        >>> torch.allclose(H.dense(), 2 * A.T @ A / 16)  # the exact Hessian of a linear least-squares fit
+        True
     """
 
     name = "hessian"

@@ -129,6 +129,18 @@ class BlockSpectra(Result, Mapping):  # type: ignore[misc]
             :class:`HessianTopK`, :class:`HessianTrace` or :class:`HessianDensity` of that block.
         params: ``{block name: the parameter names in it}``.
         n_hvp: products used over all blocks.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> spectra = flatness.hessian_trace(model, loss_fn, data, n_hvp=12, blocks="parameter")
+        >>> list(spectra), spectra.params["bias"]
+        (['weight', 'bias'], ('bias',))
+        >>> round(spectra["bias"].estimate, 6)  # d²L/db² = 2 for the mean squared error
+        2.0
     """
 
     blocks: dict[str, Any]
@@ -253,25 +265,20 @@ def hessian_topk(
     progress: ProgressArg = False,
     **options: Any,
 ) -> HessianTopK | BlockSpectra:
-    """The k largest / smallest / largest-magnitude eigenpairs of the loss Hessian (or GGN, Fisher).
+    """The k extreme eigenpairs of the loss Hessian (or GGN, Fisher), certified by their residuals.
 
     .. math:: A\\, v_i = \\lambda_i v_i,\\qquad
         \\|A v_i - \\lambda_i v_i\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, \\mathrm{tiny})
 
-    with A = ∇²L(θ) (default) or the curvature matrix named by ``curvature``. Thick-restart
-    Lanczos with full reorthogonalization (Lanczos 1950; Wu & Simon 2000), see
-    :func:`flatness.lanczos_eigsh`: it checks convergence after every product and stops once
-    the k residuals are confirmed (after at least min(ncv, 11) products for k = 1, ncv for
-    k > 1); replaces the power iteration with deflation of PyHessian (Yao et al. 2020, arXiv 1912.07145). With one batch
-    (or a few), the gradient graph is kept across products (``reuse_graph``, see
-    :meth:`flatness.Objective.reusing_graph`). Like every single-vector Krylov method (ARPACK
-    included), an exactly repeated eigenvalue may be returned fewer times than its multiplicity.
+    with A = ∇²L(θ) (default) or the matrix named by ``curvature``. Thick-restart Lanczos with
+    full reorthogonalization (Lanczos 1950; Wu & Simon 2000; :func:`flatness.lanczos_eigsh`); like
+    ARPACK, it may return an exactly repeated eigenvalue fewer times than its multiplicity.
 
-    Memory beyond the model, in vectors of n numbers (m = ``ncv``: max(2k + 1, 20), or
-    max(2k + 1, 10) when the basis would take more than 256 MiB): at most
-    m + 1 for the basis (j + 1 when it stops after j products) and k for the result, on
-    ``basis_device``; m more with ``keep_products``; and one product's working memory (about
-    4 for an MLP, plus activations), or the kept graphs. See the "large models" page of the docs.
+    Cost: one product per Lanczos step (a full data pass, or one backward pass per batch when the
+    gradient graphs are kept, see :meth:`flatness.Objective.reusing_graph`), at least
+    ``min_steps``, plus k to confirm the residuals unless the products are stored. Memory: up to
+    m + 1 basis vectors of n numbers on ``basis_device`` (m = ``ncv``), m more with
+    ``keep_products``, and one product's working memory (docs: "large models").
 
     Args:
         model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
@@ -281,41 +288,46 @@ def hessian_topk(
         which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
         tol: relative residual tolerance (> 0).
         max_hvp: product budget (default 100·m); ``converged=False`` if it runs out.
-        ncv: Lanczos basis size m (k < m ≤ n; default as above).
+        ncv: Lanczos basis size m, k < m ≤ n; default max(2k + 1, 20), or max(2k + 1, 10) when
+            m + 1 vectors would take more than 256 MiB.
         seed: seed of the starting vector.
         v0: a starting vector instead (flat, or a dict like ``named_parameters()``), e.g. the
-            previous eigenvector when λ₁ is tracked during training; ``v0_mix`` times a seeded
-            standard Gaussian vector is added to the unit v0.
-        v0_mix: weight of that random part (default 0.3; 0 starts from v0 exactly): every
-            eigendirection starts with weight ≈ ``v0_mix`` against v0's 1, so a new top
-            eigenvector orthogonal to v0 (an eigenvalue crossing) is still found (see
-            :func:`flatness.lanczos_eigsh` and the "monitor" page of the docs for measured rates).
-        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``
-            (see :mod:`flatness.operators`; the Fisher takes ``mc_samples``, ``likelihood``,
-            ``mc_seed`` among the options).
-        blocks: ``None``, or per-block spectra: ``"module"`` (one block per layer),
-            ``"parameter"``, or ``{block name: [parameter names]}``; then a :class:`BlockSpectra`
-            of one :class:`HessianTopK` per block (a block with at most ``ncv`` parameters is
-            solved densely, exactly, with one product per parameter).
-        basis_device: where the Lanczos basis and the eigenvectors live (default: the model's
-            device); ``"cpu"`` keeps them in host memory while the model is on a GPU.
-        keep_products: store the products A V to confirm residuals without extra products
-            (``True``, ``False``, or ``"auto"``: when they take ≤ 256 MiB).
-        min_steps: products before any pair may be accepted (default min(ncv, 11) for k = 1,
-            ncv for k > 1); raise it (e.g. to 20) for top eigenvalues only a few ``tol`` apart,
-            or for a warm ``v0`` with a smaller ``v0_mix`` or ``ncv`` (see :func:`flatness.algorithms.lanczos.default_min_steps`).
+            previous eigenvector when λ₁ is tracked during training.
+        v0_mix: weight of the seeded standard Gaussian vector added to the unit ``v0`` (default
+            0.3; 0 starts from v0 exactly), so that a new top eigenvector orthogonal to v0 is found.
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        blocks: ``"module"``, ``"parameter"`` or ``{name: [parameter names]}``: one result per
+            diagonal block (small blocks solved densely); ``None`` (default): the whole matrix.
+        basis_device: where the basis and the eigenvectors live (default: the model's device).
+        keep_products: store A V to confirm residuals without extra products: ``True``,
+            ``False`` or ``"auto"`` (when they take ≤ 256 MiB).
+        min_steps: products before any pair may be accepted; default min(ncv, 11) for k = 1,
+            ncv for k > 1 (see :func:`flatness.algorithms.lanczos.default_min_steps`).
         progress: ``True``, a callable ``(step, total, info)``, or False.
-        **options: forwarded to :class:`flatness.Objective` (params, reduction, dtype, train,
-            batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed,
-            reuse_graph).
+        **options: forwarded to :class:`flatness.Objective` (``params``, ``dtype``,
+            ``batch_loss``, ``max_batches``, ``hvp_mode``, ``reuse_graph``, ...) and to the
+            operator (``mc_samples``, ``likelihood``, ``mc_seed`` for the Fisher).
 
     Returns:
-        :class:`HessianTopK` (or :class:`BlockSpectra` with ``blocks``).
+        :class:`HessianTopK` (or :class:`BlockSpectra` of them with ``blocks``).
 
     Raises:
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
             or ``curvature``, bad ``max_hvp`` / ``ncv`` / ``v0`` / ``blocks`` / ``basis_device`` /
             ``keep_products`` / ``min_steps`` / ``v0_mix`` and the objective's own checks.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> top = flatness.hessian_topk(model, loss_fn, data, k=2)
+        >>> [round(v, 3) for v in top.eigenvalues.tolist()], top.converged, top.n_hvp
+        ([3.41, 2.85], True, 4)
+        >>> A = torch.cat([X, torch.ones(16, 1).double()], 1)
+        >>> torch.linalg.eigvalsh(2 * A.T @ A / 16)[-2:].flip(0).round(decimals=3).tolist()  # the exact H
+        [3.41, 2.85]
     """
     _check(hessian_topk, curvature, options)
     check_which(which)
@@ -407,6 +419,19 @@ def hessian_trace(
     Raises:
         ValueError, TypeError: for an unknown method, a bad n_hvp, or the objective's checks;
             :class:`flatness.NonFiniteLossError` when the loss is not finite.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> tr = flatness.hessian_trace(model, loss_fn, data, n_hvp=12)
+        >>> round(tr.estimate, 4), tr.n_hvp
+        (8.2405, 12)
+        >>> A = torch.cat([X, torch.ones(16, 1).double()], 1)
+        >>> round((2 * A.T @ A / 16).trace().item(), 4)  # the exact trace
+        8.2405
     """
     _check(hessian_trace, curvature, options)
     check_choice("method", method, METHODS)
@@ -475,6 +500,16 @@ def hessian_density(
 
     Raises:
         ValueError, TypeError: for bad n_runs, n_steps, sigma, grid, or the objective's checks.
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
+        >>> dens = flatness.hessian_density(model, loss_fn, data, n_runs=2, n_steps=4, grid=100)
+        >>> dens.grid.shape, round(torch.trapezoid(dens.density, dens.grid).item(), 3), dens.n_hvp
+        (torch.Size([100]), 1.0, 8)
     """
     _check(hessian_density, curvature, options)
     with model_guard(model):
