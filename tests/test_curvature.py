@@ -7,9 +7,6 @@ per-sample gradients from the Jacobian of the per-sample losses.
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import numpy as np
 import pytest
 import torch
@@ -303,36 +300,6 @@ def test_float32_ggn_agrees_with_float64():
     g64 = GGNOperator(model, F.cross_entropy, (x, y), dtype=torch.float64).dense()
     assert g32.dtype == torch.float32
     torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-6)
-
-
-def test_algorithm_layer_imports_nothing_of_the_model_layer():
-    model_layer = {
-        "flatness.objective",
-        "flatness.operators",
-        "flatness.spectrum",
-        "flatness.landscape",
-        "flatness.sharpness",
-        "flatness.monitor",
-        "flatness.objective._data",
-        "flatness.objective._guard",
-        "flatness.objective._params",
-        "flatness.objective._dist",
-        "torch.nn",
-    }
-    root = pathlib.Path(__file__).parents[1] / "src" / "flatness" / "algorithms"
-    files = sorted(root.glob("*.py"))
-    assert len(files) >= 5
-    for f in files:
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            for name in names:
-                assert not any(name == m or name.startswith(m + ".") for m in model_layer), (
-                    f"{f.name}: {name}"
-                )
 
 
 def test_plot_block_densities_draws_each_block_on_a_shared_axis():

@@ -431,3 +431,43 @@ def test_fd_guard_is_not_fooled_by_a_symmetry_of_the_loss(dtype):
             hv = obj.hvp(v)
             assert float(hv.norm()) < 1e-4 * float(obj.hvp(torch.ones_like(v)).norm())
             assert obj._kinks.worst < obj._kinks.tol / 10
+
+
+class _CubeLoss(torch.autograd.Function):
+    """(out − y)³ with a backward marked @once_differentiable, used as a custom loss on the outputs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_once_differentiable_loss_on_the_outputs_is_refused_not_zero(curvature):
+    """The incoming gradient of a loss's last op is a constant: the old check saw nothing and H v was 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1).double()
+    data = [(torch.randn(8, 2).double(), torch.zeros(8, 1).double())]
+
+    def loss(out, y):
+        return _CubeLoss.apply(out - y).mean()
+
+    v = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(NoSecondDerivativeError, match="once_differentiable"):
+        flatness.curvature_operator(model, loss, data, curvature=curvature) @ v
+    # Finite differences need no second derivative: they match the dense oracle.
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x = data[0][0]
+
+    def f(t):
+        return ((x @ t[:2] + t[2]) ** 3).mean()
+
+    exact = torch.autograd.functional.hessian(f, theta) @ v
+    fd = flatness.Objective(model, loss, data, hvp_mode="finite_difference").hvp(v)
+    assert torch.allclose(fd, exact, rtol=1e-6)

@@ -54,25 +54,25 @@ def _grad_norm(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any
     from flatness.objective import Objective
 
     obj = Objective(model, loss_fn, data, **options)
-    return obj.space.norm(obj.grad()), None  # ‖∇L‖ over every rank of a sharded model
+    return obj.space.norm64(obj.grad()), None  # ‖∇L‖ over every rank of a sharded model
 
 
 def _sharpness(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness import sharpness
+    from flatness.sharpness import sharpness
 
     res = sharpness(model, loss_fn, data, **options)
     return float(res.value), res
 
 
 def _top_eigenvalue(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness import hessian_topk
+    from flatness.spectrum import hessian_topk
 
     res = hessian_topk(model, loss_fn, data, k=1, **options)
     return float(res.eigenvalues[0]), res
 
 
 def _trace(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
-    from flatness import hessian_trace
+    from flatness.spectrum import hessian_trace
 
     res = hessian_trace(model, loss_fn, data, **options)
     return float(res.estimate), res

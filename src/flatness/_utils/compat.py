@@ -258,3 +258,22 @@ def lbfgsb_kernel() -> tuple[Callable[..., Any], Mapping[int, str], Any] | None:
     if not doc.startswith(_SETULB_SIGNATURE) or not isinstance(status_messages, dict) or not task_messages:
         return None
     return setulb, status_messages, task_messages
+
+
+# --------------------------------------------------------------------------- autograd.Function
+def is_once_differentiable(backward: Any) -> bool:
+    """Whether a custom Function's ``backward`` is wrapped by ``@once_differentiable``.
+
+    torch marks nothing public on the wrapper: it is recognised as the ``wrapper`` closure that
+    ``torch.autograd.function.once_differentiable`` returns (``functools.wraps`` keeps the
+    original as ``__wrapped__``). Checked on torch 2.13; False when the shape differs.
+    """
+    import torch.autograd.function as function_module
+
+    code = getattr(backward, "__code__", None)
+    return (
+        getattr(backward, "__wrapped__", None) is not None
+        and code is not None
+        and code.co_name == "wrapper"
+        and code.co_filename == function_module.__file__
+    )

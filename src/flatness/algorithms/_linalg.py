@@ -111,6 +111,10 @@ class VectorSpace:
         """‖a‖₂ as a Python float."""
         return math.sqrt(max(float(self.dot(a, a)), 0.0))
 
+    def norm64(self, a: torch.Tensor) -> float:
+        """‖a‖₂ accumulated in float64 (no overflow or rounding of low-precision vectors)."""
+        return float(torch.linalg.vector_norm(a, dtype=torch.float64))
+
     def coeffs(self, V: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """V w: the inner products of w with the rows of V."""
         return self.reduce(V @ w)

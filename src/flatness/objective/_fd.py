@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from flatness._utils.compat import is_once_differentiable
+
 __all__ = [
     "KINK_TOL",
     "KinkGuard",
@@ -68,7 +70,36 @@ FD_HINT = (
 
 
 class NoSecondDerivativeError(RuntimeError):
-    """An exact Hessian-vector product needs a second derivative that the model does not have."""
+    """An exact Hessian-vector product needs a second derivative that the model does not have.
+
+    Raised with the op named and the fix (``hvp_mode="finite_difference"``), e.g. for a custom
+    ``autograd.Function`` whose backward is not differentiable.
+
+    Examples:
+        >>> import torch, flatness
+        >>> class Cube(torch.autograd.Function):
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         ctx.save_for_backward(x)
+        ...         return x**3
+        ...     @staticmethod
+        ...     @torch.autograd.function.once_differentiable
+        ...     def backward(ctx, g):
+        ...         (x,) = ctx.saved_tensors
+        ...         return 3 * x**2 * g
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> data = [(torch.ones(4, 2).double(), torch.zeros(4, 1).double())]
+        >>> loss = lambda out, y: Cube.apply(out - y).mean()
+        >>> v = torch.ones(3, dtype=torch.float64)
+        >>> try:
+        ...     flatness.Objective(model, loss, data).hvp(v)
+        ... except flatness.NoSecondDerivativeError:
+        ...     print("no second derivative")
+        no second derivative
+        >>> fd = flatness.Objective(model, loss, data, hvp_mode="finite_difference")
+        >>> tuple(fd.hvp(v).shape)
+        (3,)
+    """
 
 
 def fd_step(theta_norm: float, n: int, eps: float) -> float:
@@ -100,6 +131,18 @@ class NonSmoothWarning(RuntimeWarning):
     max(0.05, 10 ε^(1/3)) (see :class:`KinkGuard`): the products, and the eigenvalues, traces and
     densities built on them, may be wrong by about that ratio or more. Turn it into an error
     with ``warnings.simplefilter("error", flatness.NonSmoothWarning)``.
+
+    Examples:
+        >>> import warnings, torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        >>> data = [(torch.randn(512, 2), torch.randn(512, 1))]
+        >>> obj = flatness.Objective(model, torch.nn.functional.mse_loss, data, hvp_mode="finite_difference")
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = [obj.hvp(torch.randn(obj.n)) for _ in range(3)]
+        >>> any(issubclass(w.category, flatness.NonSmoothWarning) for w in caught)
+        True
     """
 
 
@@ -289,15 +332,38 @@ def check_second_derivatives(loss: torch.Tensor) -> None:
     without autograd (``torch.no_grad()``, ``.detach()``, NumPy) returns gradients that are
     constants of the graph: the second derivative through it would silently be zero. A hook on
     each such node checks, during the first backward, that its gradients are differentiable
-    whenever the incoming gradients are, and raises :class:`NoSecondDerivativeError` if not.
+    whenever the incoming gradients are — or, for a backward marked ``@once_differentiable``,
+    whenever the Function has inputs that require grad (its gradient then depends on θ through
+    what it saved, also when the incoming gradient is a constant, e.g. a custom loss on the
+    outputs) — and raises :class:`NoSecondDerivativeError` if not.
     """
     if loss.grad_fn is None:
         return
     for node in _custom_function_nodes(loss.grad_fn):
         name = type(node).__name__.removesuffix("Backward")
+        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
+        once = is_once_differentiable(backward)
+        has_inputs = any(fn is not None for fn, _ in node.next_functions)
 
-        def hook(grad_inputs: Any, grad_outputs: Any, name: str = name) -> None:
-            if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs):
+        def hook(
+            grad_inputs: Any,
+            grad_outputs: Any,
+            name: str = name,
+            once: bool = once,
+            has_inputs: bool = has_inputs,
+        ) -> None:
+            incoming = any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs)
+            if once and has_inputs and not incoming:
+                if any(
+                    isinstance(g, torch.Tensor) and not g.requires_grad and bool(g.any()) for g in grad_inputs
+                ):
+                    raise NoSecondDerivativeError(
+                        f"hvp_mode: the custom autograd.Function {name!r} of this model has a backward "
+                        "marked @once_differentiable, so exact Hessian-vector products through it "
+                        f"would silently miss terms; {FD_HINT}"
+                    )
+                return
+            if not incoming:
                 return
             for g in grad_inputs:
                 if not isinstance(g, torch.Tensor):

@@ -147,6 +147,10 @@ class ShardedVectorSpace(VectorSpace):
         dist.all_reduce(buf, group=self.group)
         return buf.to(t.device)
 
+    def norm64(self, a: torch.Tensor) -> float:
+        """‖a‖₂ over every rank, accumulated in float64."""
+        return math.sqrt(float(self.reduce(a.double().square().sum().reshape(1))))
+
     def orthonormalize(self, rows: torch.Tensor) -> torch.Tensor:
         """Orthonormal rows spanning ``rows`` by CholeskyQR2 (zero rows for a rank deficiency)."""
         Q = rows

@@ -35,6 +35,16 @@ class NonFiniteLossError(ValueError):
         best: where the sharpness measures met a non-finite loss at a perturbed point (not at
             θ), their result at the best finite point found before it (its ``value`` is a
             lower bound of the measure); otherwise None.
+
+    Examples:
+        >>> import torch, flatness
+        >>> model = torch.nn.Linear(2, 1)
+        >>> data = [(torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, 1))]
+        >>> try:
+        ...     flatness.Objective(model, torch.nn.functional.mse_loss, data).loss()
+        ... except flatness.NonFiniteLossError as e:
+        ...     print(str(e)[:30])
+        the loss is nan on batch 0 (of
     """
 
     def __init__(self, message: str, *, best: Any = None) -> None:

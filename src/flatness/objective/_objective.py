@@ -133,6 +133,21 @@ class Objective:
         NonSmoothWarning: finite-difference products whose gradient jumps inside the step.
         RuntimeWarning: ``hvp_mode="forward"`` where torch has no forward-mode derivative for an
             op of the model (the products are then computed by double backward).
+
+    Examples:
+        >>> import torch, flatness
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
+        >>> obj = flatness.Objective(model, torch.nn.functional.mse_loss, [(X[:10], y[:10]), (X[10:], y[10:])])
+        >>> bool(torch.isclose(obj.loss(), torch.nn.functional.mse_loss(model(X), y)))  # size-weighted
+        True
+        >>> A = torch.cat([X, torch.ones(16, 1).double()], 1)
+        >>> v = torch.ones(obj.n, dtype=torch.float64)
+        >>> torch.allclose(obj.hvp(v), 2 * A.T @ A @ v / 16)  # H = 2 AᵀA / N
+        True
+        >>> obj.supports("exact_hvp"), obj.hvp_mode_used
+        (True, 'reverse')
     """
 
     def __init__(
@@ -237,7 +252,7 @@ class Objective:
         self._forward = hvp_mode == "forward"
         self._fd = hvp_mode == "finite_difference" or not exact
         # Finite differences: warns where the gradient jumps inside the step (ReLU, max-pooling).
-        self._kinks = KinkGuard(self.space.norm, b.eps, exact=exact)
+        self._kinks = KinkGuard(self.space.norm64, b.eps, exact=exact)
         # Custom autograd.Functions are checked for a differentiable backward on the first
         # exact HVP pass (a structural property of the model).
         self._checked_second = False
@@ -490,11 +505,11 @@ class Objective:
         ε is the machine epsilon of the dtype the gradients are computed in (the lowest
         precision among θ's parameters, or ``dtype``). See :mod:`flatness.objective._fd`.
         """
-        return fd_step(self.space.norm(self.theta_or_default(theta)), self.n, self.backend.eps)
+        return fd_step(self.space.norm64(self.theta_or_default(theta)), self.n, self.backend.eps)
 
     def _fd_hvp(self, v: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h, differenced batch by batch."""
-        vnorm = self.space.norm(v)
+        vnorm = self.space.norm64(v)
         if not math.isfinite(vnorm):
             raise ValueError("v: the vector has non-finite entries")
         self.n_hvp += 1

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from flatness.objective._fd import check_second_derivatives
 from flatness.operators._base import CurvatureOperator
 from flatness.operators._linearize import linearize
 
@@ -13,7 +14,12 @@ __all__ = ["GGNOperator", "output_hvp"]
 
 
 def output_hvp(loss: Any, z: torch.Tensor, *us: torch.Tensor) -> list[torch.Tensor]:
-    """H_ℓ u = ∂²ℓ/∂z² u for each u, for a loss built from the leaf ``z`` (output space)."""
+    """H_ℓ u = ∂²ℓ/∂z² u for each u, for a loss built from the leaf ``z`` (output space).
+
+    A custom ``autograd.Function`` in the loss whose backward has no derivative raises
+    :class:`flatness.NoSecondDerivativeError` (H_ℓ would silently be 0).
+    """
+    check_second_derivatives(loss)
     (g,) = torch.autograd.grad(loss, z, create_graph=True)
     if not g.requires_grad:  # the loss is linear in z: H_ℓ = 0
         return [torch.zeros_like(z) for _ in us]
