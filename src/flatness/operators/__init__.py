@@ -35,18 +35,50 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "curvature_operator",
+    "curvatures",
     "operator_class",
+    "register_curvature",
 ]
 
 _CLASSES: dict[str, type[CurvatureOperator]] = {
     cls.name: cls for cls in (HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator)
 }
+#: the built-in curvatures (:func:`curvatures` also lists the registered ones).
 CURVATURES = tuple(_CLASSES)
+
+
+def curvatures() -> tuple[str, ...]:
+    """Every ``curvature=`` name: the built-in ones and those of :func:`register_curvature`."""
+    return tuple(_CLASSES)
+
+
+def register_curvature(cls: type[CurvatureOperator]) -> type[CurvatureOperator]:
+    """Make ``cls`` available as ``curvature=cls.name`` wherever ``curvature=`` is taken.
+
+    Usable as a class decorator. ``cls`` subclasses :class:`CurvatureOperator` and defines
+    :meth:`CurvatureOperator.batch_product` (one batch's product); its keyword options are
+    listed in ``own_options``. See docs/operators.md, "A new curvature".
+
+    Raises:
+        TypeError: ``cls`` is not a CurvatureOperator subclass.
+        ValueError: its ``name`` is empty or already names another curvature.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, CurvatureOperator)):
+        raise TypeError(f"cls: expected a subclass of flatness.CurvatureOperator, got {cls!r}")
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"cls: {cls.__name__}.name must be a non-empty str (its curvature= name), got {name!r}"
+        )
+    if _CLASSES.get(name, cls) is not cls:
+        raise ValueError(f"cls: curvature {name!r} is already {_CLASSES[name].__name__}; choose another name")
+    _CLASSES[name] = cls
+    return cls
 
 
 def operator_class(curvature: str) -> type[CurvatureOperator]:
     """The operator class of a ``curvature=`` name."""
-    check_choice("curvature", curvature, CURVATURES)
+    check_choice("curvature", curvature, curvatures())
     return _CLASSES[curvature]
 
 

@@ -30,7 +30,7 @@ from flatness.algorithms.lanczos import (
 from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
 from flatness.objective import check_options
 from flatness.objective._guard import model_guard
-from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
+from flatness.operators import CurvatureOperator, build_operator, curvatures, split_options
 from flatness.results import Result
 
 __all__ = [
@@ -537,6 +537,6 @@ def _fields(res: Result) -> dict[str, Any]:
 
 
 def _check(fn: Callable[..., Any], curvature: Any, options: dict[str, Any]) -> None:
-    check_choice("curvature", curvature, CURVATURES)
+    check_choice("curvature", curvature, curvatures())
     rest, _own = split_options(curvature, options)
     check_options(fn, rest)
