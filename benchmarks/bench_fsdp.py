@@ -82,7 +82,7 @@ def make_data(rank: int, samples: int = 64):
 
 def measure(model, data, what: str, sharded: bool, mode: str = "finite_difference") -> dict:
     import flatness
-    from flatness.objective._fsdp import ShardedObjective
+    from flatness import Objective as ShardedObjective
 
     out = {}
     if sharded:

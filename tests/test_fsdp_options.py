@@ -839,12 +839,16 @@ def _sharp_property(nonneg=True):
 
 
 def sharp_case(name, fn="sharpness", exact=True, nonneg=True, **kw):
-    """A refusal may name any option the call passes (e.g. ``subspace`` for a full-space box)."""
+    """A refusal may name any option the call passes (e.g. ``subspace`` for a full-space box).
+
+    ``adaptive_sharpness`` is a box maximization over whole vectors as a whole: its refusal names
+    ``model`` (the function is not available for a sharded model, whatever the options).
+    """
     case(
         f"{fn}.{name}",
         _sharp_run(fn, **kw),
         _sharp_expect(fn, **kw) if exact else _sharp_property(nonneg),
-        tuple(kw),
+        tuple(kw) + (("model",) if fn == "adaptive_sharpness" else ()),
     )
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flatness._utils.validate import check_seed
+from flatness.objective import parameter_backend
 from flatness.objective._params import ParamLayout, ParamSpec, select_params, unwrap
 from flatness.results import Result
 
@@ -205,8 +206,19 @@ def random_direction(
         (True, 0.0)
     """
     _check_normalization(normalization)
-    named = _named(model, params)
     g = torch.Generator().manual_seed(check_seed(seed))
+    space = parameter_backend(model, params)
+    if "whole_vectors" not in space.capabilities:
+        # This process's parts of θ (e.g. an FSDP model's shards): drawn by the vector space
+        # (the same direction for any number of ranks), normalized with norms over every rank.
+        return normalize_parts(
+            space.unflatten(space.space.randn(g)),
+            space.unflatten(space.theta0),
+            normalization=normalization,
+            ignore_1d=ignore_1d,
+            norm=lambda t: space.space.norm64(t.reshape(-1)),
+        )
+    named = _named(model, params)
     out = {}
     for n, w in named:
         d = torch.randn(w.shape, generator=g, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
@@ -258,7 +270,11 @@ def eigen_directions(
         >>> len(dirs), {name: tuple(t.shape) for name, t in dirs[0].items()}
         (2, {'weight': (1, 3), 'bias': (1,)})
     """
+    space = parameter_backend(model, params)
+    whole = "whole_vectors" in space.capabilities
     named, n = _flat_names(model, params)
+    if not whole:  # local vectors: this process's parts (e.g. hessian_topk's on an FSDP model)
+        n = space.n_local
     if hasattr(eigenvectors, "eigenvectors") and not isinstance(eigenvectors, (torch.Tensor, np.ndarray)):
         eigenvectors = eigenvectors.eigenvectors
     if isinstance(eigenvectors, np.ndarray):
@@ -282,12 +298,17 @@ def eigen_directions(
     out = []
     for i, v in enumerate(eigenvectors):
         if isinstance(v, Mapping):
-            out.append(_check_direction(v, named, f"eigenvectors[{i}]"))
-            continue
+            if not whole:
+                v = space.flatten(dict(v))
+            else:
+                out.append(_check_direction(v, named, f"eigenvectors[{i}]"))
+                continue
         v = torch.as_tensor(v)
         if v.ndim != 1 or v.shape[0] != n:
             raise ValueError(f"eigenvectors[{i}]: got shape {tuple(v.shape)}; expected ({n},)")
-        out.append(_unflatten(v.detach(), named))
+        out.append(
+            _unflatten(v.detach(), named) if whole else space.unflatten(space.as_vector(v, "eigenvectors"))
+        )
     return out
 
 
@@ -366,6 +387,13 @@ def pca_directions(
     """
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components <= 0:
         raise ValueError(f"n_components: got {n_components!r}; expected a positive int")
+    if "whole_vectors" not in parameter_backend(model, params).capabilities:
+        raise ValueError(
+            "model: pca_directions needs whole parameter vectors in one process (an SVD of the "
+            "checkpoints' differences), and this model's parameters are split over processes "
+            "(fully_shard); compute it on full state dicts (e.g. torch.distributed.checkpoint's "
+            "get_model_state_dict with full_state_dict=True) loaded into an unsharded copy"
+        )
     named, n = _flat_names(model, params)
     if n_components > n:
         raise ValueError(f"n_components: got {n_components}; the model has only n = {n} parameters in θ")

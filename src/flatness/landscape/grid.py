@@ -117,17 +117,19 @@ def _prepare_direction(
         # Directions are this process's parts of θ's vectors (local vectors; e.g. the shards of
         # an FSDP model), drawn and normalized without ever forming a whole vector.
         if direction is None:
-            vec = obj.random_vector(torch.Generator().manual_seed(_check_seed(seed)))
-        elif isinstance(direction, Mapping):
-            vec = obj.flatten(dict(direction))
-        else:
-            vec = torch.as_tensor(direction)
+            return random_direction(
+                model, normalization=normalization, ignore_1d=ignore_1d, seed=seed, params=params
+            )
+        vec = obj.flatten(dict(direction)) if isinstance(direction, Mapping) else torch.as_tensor(direction)
+        d = obj.unflatten(obj.as_vector(vec, what))
+        if normalization is None:
+            return d
         return normalize_parts(
-            obj.unflatten(obj.as_vector(vec, what)),
+            d,
             obj.unflatten(obj.theta0),
             normalization=normalization,
             ignore_1d=ignore_1d,
-            norm=lambda t: obj.space.norm(t.reshape(-1)),
+            norm=lambda t: obj.space.norm64(t.reshape(-1)),
         )
     if direction is None:
         return random_direction(

@@ -9,6 +9,7 @@ from flatness.objective._fd import NonSmoothWarning, NoSecondDerivativeError
 from flatness.objective._loss import NonFiniteLossError
 from flatness.objective._objective import Objective, check_options
 from flatness.objective._params import ParamSpec
+from flatness.objective._select import parameter_backend
 
 __all__ = [
     "CAPABILITIES",
@@ -18,4 +19,5 @@ __all__ = [
     "Objective",
     "ParamSpec",
     "check_options",
+    "parameter_backend",
 ]

@@ -12,7 +12,7 @@ from flatness.objective._fsdp import FSDPBackend, check_not_fsdp1, is_sharded
 from flatness.objective._loss import LossModule
 from flatness.objective._params import ParamSpec
 
-__all__ = ["backend_for"]
+__all__ = ["backend_for", "parameter_backend"]
 
 
 def backend_for(
@@ -23,3 +23,19 @@ def backend_for(
     if is_sharded(model):
         return FSDPBackend(model, module, params=params, process_group=process_group)
     return LocalBackend(model, module, params=params, dtype=dtype, process_group=process_group)
+
+
+def parameter_backend(model: nn.Module, params: ParamSpec = None) -> Backend:
+    """The backend of ``model``'s parameters alone: layout, vector space and capabilities.
+
+    For functions that take a model but no loss or data (random and eigenvector directions):
+    vectors are this process's parts of θ, as an :class:`flatness.Objective` of the model has them.
+    """
+    from flatness.objective._params import unwrap
+
+    model = unwrap(model)
+    check_not_fsdp1(model)
+    module = LossModule(model, None, None)
+    if is_sharded(model):  # collective: every rank calls together, as for every sharded function
+        return FSDPBackend(model, module, params=params, process_group=None)
+    return LocalBackend(model, module, params=params, dtype=None, process_group=False)  # no collectives
