@@ -3,36 +3,40 @@
 Each function binds ``(model, loss_fn, data)`` into the exact full-data objective
 (:class:`flatness.Objective`), builds the curvature operator named by ``curvature=`` (the
 Hessian by default; the GGN, the Fisher or the empirical Fisher, see :mod:`flatness.operators`)
-and runs an algorithm of :mod:`flatness.algorithms` on it, on the model's device. With
-``blocks=`` the same is done for each parameter block's diagonal block, in one call.
+and runs :func:`flatness.topk`, :func:`flatness.trace` or :func:`flatness.density` on it (see
+:mod:`flatness.spectrum.core`), on the model's device. With ``blocks=`` the same is done for each
+parameter block's diagonal block, in one call (:func:`flatness.by_block`). To run several
+analyses on one matrix, build the operator once and call those functions directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from flatness._utils.progress import ProgressArg
-from flatness._utils.validate import check_choice, check_positive
-from flatness.algorithms.density import DensityResult, slq_density
-from flatness.algorithms.lanczos import (
-    LanczosResult,
-    Which,
-    check_v0_mix,
-    check_which,
-    default_ncv,
-    lanczos_eigsh,
-)
-from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
+from flatness._utils.validate import check_choice
+from flatness.algorithms.lanczos import Which
 from flatness.objective._fsdp import unsupported
 from flatness.objective._guard import model_guard
 from flatness.objective._objective import check_options
 from flatness.operators import CURVATURES, CurvatureOperator, build_operator, split_options
-from flatness.results import Result
+from flatness.spectrum.core import (
+    BlockSpectra,
+    CurvatureDensity,
+    CurvatureTopK,
+    CurvatureTrace,
+    by_block,
+    check_topk,
+    check_trace,
+    density,
+    parameter_blocks,
+    topk,
+    trace,
+)
 
 __all__ = [
     "BlockSpectra",
@@ -48,190 +52,17 @@ __all__ = [
 Curvature = Literal["hessian", "ggn", "fisher", "empirical_fisher"]
 Blocks = Literal["module", "parameter"] | Mapping[str, Any] | None
 
-
-@dataclasses.dataclass(frozen=True)
-class HessianTopK(LanczosResult):
-    """The k extreme eigenpairs of a curvature matrix (the Hessian by default), certified.
-
-    The fields of :class:`flatness.algorithms.LanczosResult` (eigenvalues, eigenvectors (k, n) in
-    θ's flat order, true residuals, ``n_matvec``, converged, ...), plus:
-
-    Attributes:
-        names, shapes: θ's parameter names and shapes (see :meth:`eigenvector_dicts`).
-        curvature: the matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        graph_reused: whether the products reused kept gradient graphs (one backward pass per
-            batch instead of a full pass; see :meth:`flatness.Objective.reusing_graph`).
-        n_hvp: the products used (= ``n_matvec``).
-    """
-
-    names: tuple[str, ...] = ()
-    shapes: tuple[tuple[int, ...], ...] = ()
-    curvature: str = "hessian"
-    graph_reused: bool = False
-    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
-
-    @property
-    def n_hvp(self) -> int:
-        return self.n_matvec
-
-    def eigenvector_dicts(self) -> list[dict[str, torch.Tensor]]:
-        """The eigenvectors as parameter-shaped dicts keyed like ``model.named_parameters()``."""
-        from flatness.objective._params import ParamLayout
-
-        layout = ParamLayout(self.names, self.shapes)
-        return [layout.unflatten(vec) for vec in self.eigenvectors]
+# The former names of the results (deprecated, removed in the next release): the same classes.
+HessianTopK = CurvatureTopK
+HessianTrace = CurvatureTrace
+HessianDensity = CurvatureDensity
 
 
-@dataclasses.dataclass(frozen=True)
-class HessianTrace(TraceResult):
-    """An estimate of tr(A) for a curvature matrix A (the Hessian by default).
-
-    The fields of :class:`flatness.algorithms.TraceResult` (estimate, std_error, ``n_matvec``,
-    method, n_probes, sketch_size), plus ``curvature``, ``graph_reused`` (as in
-    :class:`HessianTopK`) and ``n_hvp`` (= ``n_matvec``).
-    """
-
-    curvature: str = "hessian"
-    graph_reused: bool = False
-    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
-
-    @property
-    def n_hvp(self) -> int:
-        return self.n_matvec
-
-
-@dataclasses.dataclass(frozen=True)
-class HessianDensity(DensityResult):
-    """The eigenvalue density of a curvature matrix by stochastic Lanczos quadrature.
-
-    The fields of :class:`flatness.algorithms.DensityResult` (grid, density, nodes, weights,
-    ``n_matvec``, sigma, n_runs, n_steps), plus ``curvature``, ``graph_reused`` (as in
-    :class:`HessianTopK`) and ``n_hvp`` (= ``n_matvec``).
-    """
-
-    curvature: str = "hessian"
-    graph_reused: bool = False
-    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
-
-    @property
-    def n_hvp(self) -> int:
-        return self.n_matvec
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSpectra(Result, Mapping):  # type: ignore[misc]
-    """One result per parameter block (the diagonal blocks of the curvature matrix).
-
-    A read-only mapping block name → result (``spectra["fc1"]``, ``.items()``, ``.keys()``,
-    ``in``, ``len``), in the model's parameter order.
-
-    Attributes:
-        blocks: ``{block name: result}`` in the model's parameter order; each result is a
-            :class:`HessianTopK`, :class:`HessianTrace` or :class:`HessianDensity` of that block.
-        params: ``{block name: the parameter names in it}``.
-        n_hvp: products used over all blocks.
-    """
-
-    blocks: dict[str, Any]
-    params: dict[str, tuple[str, ...]]
-    n_hvp: int
-
-    def __getitem__(self, name: str) -> Any:
-        return self.blocks[name]
-
-    def __iter__(self) -> Any:
-        return iter(self.blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-
-def parameter_blocks(model: nn.Module, names: list[str], blocks: Blocks) -> dict[str, tuple[str, ...]]:
-    """Group θ's parameter ``names`` into blocks.
-
-    ``"module"``: one block per module that owns parameters directly (a layer), named after
-    it; ``"parameter"``: one block per parameter tensor; a mapping ``{block: [parameter
-    names]}`` as given (each name once, all among ``names``).
-    """
-    if isinstance(blocks, str):
-        check_choice("blocks", blocks, ("module", "parameter"))
-        if blocks == "parameter":
-            return {n: (n,) for n in names}
-        out: dict[str, tuple[str, ...]] = {}
-        for n in names:
-            owner = n.rpartition(".")[0] or "(model)"
-            out[owner] = (*out.get(owner, ()), n)
-        return out
-    if not isinstance(blocks, Mapping):
-        raise TypeError(
-            "blocks: expected 'module', 'parameter' or a mapping {block name: [parameter names]}, "
-            f"got {type(blocks).__name__}"
-        )
-    seen: set[str] = set()
-    out = {}
-    for key, members in blocks.items():
-        members = (members,) if isinstance(members, str) else tuple(members)
-        if not members or not all(isinstance(m, str) for m in members):
-            raise ValueError(f"blocks: block {key!r} must list one or more parameter names, got {members!r}")
-        unknown = [m for m in members if m not in names]
-        if unknown:
-            raise ValueError(
-                f"blocks: block {key!r} names {unknown[:3]}, which are not among the measured "
-                f"parameters (e.g. {names[:4]})"
-            )
-        twice = [m for m in members if m in seen]
-        if twice:
-            raise ValueError(f"blocks: parameter {twice[0]!r} is in more than one block")
-        seen.update(members)
-        out[str(key)] = members
-    if not out:
-        raise ValueError("blocks: the mapping is empty; give at least one block")
-    return out
-
-
-def _per_block(op: CurvatureOperator, blocks: Blocks, fn: Callable[[CurvatureOperator], Any]) -> BlockSpectra:
+def _per_block(
+    op: CurvatureOperator, blocks: Blocks, analysis: Callable[..., Any], **kwargs: Any
+) -> BlockSpectra:
     unsupported("blocks", op.objective.model, "call the function once per parameter selection (params=)")
-    groups = parameter_blocks(op.objective.model, op.objective.names, blocks)
-    results = {name: fn(op.block(list(members))) for name, members in groups.items()}
-    return BlockSpectra(results, groups, sum(r.n_matvec for r in results.values()))
-
-
-def _start(op: CurvatureOperator, v0: Any) -> torch.Tensor | None:
-    if v0 is None:
-        return None
-    if isinstance(v0, Mapping):
-        return op.objective.flatten(dict(v0))
-    return op.objective._as_vector(v0, "v0")
-
-
-def _dense_topk(op: CurvatureOperator, k: int, which: str, tol: float, ncv: int) -> HessianTopK:
-    """All of a small block's matrix (n products) and its exact eigenpairs."""
-    from flatness.algorithms.lanczos import _order
-
-    with op.reusing_graph():
-        A = op.dense().double()
-    A = (A + A.T) / 2
-    vals, vecs = torch.linalg.eigh(A)
-    order = _order(vals, which)[:k]
-    vals, vecs = vals[order], vecs[:, order].T
-    res = (vecs @ A - vals[:, None] * vecs).norm(dim=1)
-    obj = op.objective
-    return HessianTopK(
-        eigenvalues=vals.to(obj.dtype),
-        eigenvectors=vecs.to(obj.dtype),
-        residuals=res.to(obj.dtype),
-        n_matvec=op.shape[0],
-        converged=True,
-        n_restarts=0,
-        which=which,
-        k=k,
-        tol=float(tol),
-        ncv=ncv,
-        names=tuple(obj.names),
-        shapes=tuple(tuple(s) for s in obj.shapes),
-        curvature=op.name,
-        graph_reused=op.graph_reused,
-    )
+    return by_block(op, blocks, analysis, **kwargs)
 
 
 def hessian_topk(
@@ -254,7 +85,7 @@ def hessian_topk(
     min_steps: int | None = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianTopK | BlockSpectra:
+) -> CurvatureTopK | BlockSpectra:
     """The k largest / smallest / largest-magnitude eigenpairs of the loss Hessian (or GGN, Fisher).
 
     .. math:: A\\, v_i = \\lambda_i v_i,\\qquad
@@ -297,7 +128,7 @@ def hessian_topk(
             ``mc_seed`` among the options).
         blocks: ``None``, or per-block spectra: ``"module"`` (one block per layer),
             ``"parameter"``, or ``{block name: [parameter names]}``; then a :class:`BlockSpectra`
-            of one :class:`HessianTopK` per block (a block with at most ``ncv`` parameters is
+            of one :class:`CurvatureTopK` per block (a block with at most ``ncv`` parameters is
             solved densely, exactly, with one product per parameter).
         basis_device: where the Lanczos basis and the eigenvectors live (default: the model's
             device); ``"cpu"`` keeps them in host memory while the model is on a GPU.
@@ -312,7 +143,8 @@ def hessian_topk(
             reuse_graph).
 
     Returns:
-        :class:`HessianTopK` (or :class:`BlockSpectra` with ``blocks``).
+        :class:`CurvatureTopK` (or :class:`BlockSpectra` with ``blocks``), its ``curvature``
+        naming the matrix.
 
     Raises:
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
@@ -320,52 +152,28 @@ def hessian_topk(
             ``keep_products`` / ``min_steps`` / ``v0_mix`` and the objective's own checks.
     """
     _check(hessian_topk, curvature, options)
-    check_which(which)
-    check_positive("tol", tol)
-    check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
-    check_positive("k", k, integer=True)
-    check_v0_mix(v0_mix)
+    check_topk(k, which, tol, max_hvp, v0_mix, budget="max_hvp")
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
-
-        def solve(o: CurvatureOperator) -> HessianTopK:
-            n = o.shape[0]
-            if blocks is not None and n <= (ncv or default_ncv(k, 10**9)):
-                return _dense_topk(o, min(k, n), which, tol, ncv or default_ncv(k, n))
-            with o.reusing_graph():
-                res = lanczos_eigsh(
-                    o,
-                    k=k,
-                    which=which,
-                    tol=tol,
-                    ncv=ncv,
-                    max_matvec=max_hvp,
-                    v0=_start(o, v0) if blocks is None else None,
-                    v0_mix=v0_mix,
-                    seed=seed,
-                    basis_device=basis_device,
-                    keep_products=keep_products,
-                    min_steps=min_steps,
-                    progress=progress,
-                )
-            obj = o.objective
-            # A sharded (FSDP) model's eigenvectors are this rank's shards: their shapes.
-            shapes = getattr(obj, "local_shapes", obj.shapes)
-            return HessianTopK(
-                **_fields(res),
-                names=tuple(obj.names),
-                shapes=tuple(tuple(s) for s in shapes),
-                curvature=curvature,
-                graph_reused=o.graph_reused,
-            )
-
+        kwargs = dict(
+            which=which,
+            tol=tol,
+            max_matvec=max_hvp,
+            ncv=ncv,
+            seed=seed,
+            v0_mix=v0_mix,
+            basis_device=basis_device,
+            keep_products=keep_products,
+            min_steps=min_steps,
+            progress=progress,
+        )
         if blocks is not None:
             if v0 is not None:
                 raise TypeError(
                     "v0: not supported with blocks= (each block starts from its own seeded vector)"
                 )
-            return _per_block(op, blocks, solve)
-        return solve(op)
+            return _per_block(op, blocks, topk, k=k, **kwargs)
+        return topk(op, k, v0=v0, **kwargs)
 
 
 def hessian_trace(
@@ -380,7 +188,7 @@ def hessian_trace(
     blocks: Blocks = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianTrace | BlockSpectra:
+) -> CurvatureTrace | BlockSpectra:
     """tr(A) of the loss Hessian (or GGN, Fisher) by Hutch++ or Hutchinson with Rademacher probes.
 
     .. math:: \\mathrm{tr}(A) \\approx \\mathrm{tr}(Q^\\top A Q)
@@ -403,30 +211,18 @@ def hessian_trace(
         **options: forwarded to :class:`flatness.Objective`.
 
     Returns:
-        :class:`HessianTrace` (or :class:`BlockSpectra` with ``blocks``).
+        :class:`CurvatureTrace` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
         ValueError, TypeError: for an unknown method, a bad n_hvp, or the objective's checks;
             :class:`flatness.NonFiniteLossError` when the loss is not finite.
     """
     _check(hessian_trace, curvature, options)
-    check_choice("method", method, METHODS)
-    check_positive("n_hvp", n_hvp, integer=True)
-    least = 4 if method == "hutch++" else 2
-    if n_hvp < least:
-        raise ValueError(
-            f"n_hvp: got {n_hvp}; {method} needs at least {least} "
-            + ("(a sketch and ≥ 2 probes)" if method == "hutch++" else "probes for a standard error")
-        )
+    check_trace(method, n_hvp, budget="n_hvp")
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
-
-        def solve(o: CurvatureOperator) -> HessianTrace:
-            with o.reusing_graph():
-                res = trace_estimate(o, method=method, n_matvec=n_hvp, seed=seed, progress=progress)
-            return HessianTrace(**_fields(res), curvature=curvature, graph_reused=o.graph_reused)
-
-        return _per_block(op, blocks, solve) if blocks is not None else solve(op)
+        kwargs = dict(method=method, n_matvec=n_hvp, seed=seed, progress=progress)
+        return _per_block(op, blocks, trace, **kwargs) if blocks is not None else trace(op, **kwargs)
 
 
 def hessian_density(
@@ -444,7 +240,7 @@ def hessian_density(
     basis_device: torch.device | str | None = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianDensity | BlockSpectra:
+) -> CurvatureDensity | BlockSpectra:
     """The eigenvalue density of the loss Hessian (or GGN, Fisher) by stochastic Lanczos quadrature.
 
     .. math:: \\phi(t) = \\frac1{n_v}\\sum_{r}\\sum_j \\tau^{(r)}_j g_\\sigma(t - \\lambda^{(r)}_j)
@@ -472,7 +268,7 @@ def hessian_density(
         **options: forwarded to :class:`flatness.Objective`.
 
     Returns:
-        :class:`HessianDensity` (or :class:`BlockSpectra` with ``blocks``).
+        :class:`CurvatureDensity` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
         ValueError, TypeError: for bad n_runs, n_steps, sigma, grid, or the objective's checks.
@@ -480,26 +276,16 @@ def hessian_density(
     _check(hessian_density, curvature, options)
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
-
-        def solve(o: CurvatureOperator) -> HessianDensity:
-            with o.reusing_graph():
-                res = slq_density(
-                    o,
-                    n_runs=n_runs,
-                    n_steps=n_steps,
-                    sigma=sigma,
-                    grid=grid,
-                    seed=seed,
-                    basis_device=basis_device,
-                    progress=progress,
-                )
-            return HessianDensity(**_fields(res), curvature=curvature, graph_reused=o.graph_reused)
-
-        return _per_block(op, blocks, solve) if blocks is not None else solve(op)
-
-
-def _fields(res: Result) -> dict[str, Any]:
-    return {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+        kwargs = dict(
+            n_runs=n_runs,
+            n_steps=n_steps,
+            sigma=sigma,
+            grid=grid,
+            seed=seed,
+            basis_device=basis_device,
+            progress=progress,
+        )
+        return _per_block(op, blocks, density, **kwargs) if blocks is not None else density(op, **kwargs)
 
 
 def _check(fn: Callable[..., Any], curvature: Any, options: dict[str, Any]) -> None:
