@@ -490,7 +490,8 @@ def by_block(
 
     Returns:
         :class:`BlockSpectra`: ``{block name: result}`` in the model's parameter order, with
-        the blocks' parameter names and their products in total.
+        the blocks' parameter names and their products in total (``n_matvec``; each block is an
+        operator of its own, so ``op.n_matvec`` does not count them).
 
     Raises:
         TypeError: ``op`` is not a curvature operator, ``analysis`` is neither a name nor a
