@@ -133,6 +133,9 @@ def test_by_block_equals_blocks_option_and_the_dense_blocks(blocks):
         idx = torch.cat([torch.arange(offsets[index[m]], offsets[index[m] + 1]) for m in members])
         exact = torch.linalg.eigvalsh(H[idx][:, idx]).flip(0)[:2]
         torch.testing.assert_close(spectra[key].eigenvalues, exact, rtol=1e-7, atol=1e-10)
+        if len(idx) <= 20:  # at most ncv parameters: the dense block, one product per parameter
+            assert spectra[key].n_matvec == len(idx) and spectra[key].n_restarts == 0
+            assert spectra[key].ncv == len(idx) and spectra[key].residuals.max() < 1e-12
     assert_untouched(model, before)
 
 
@@ -143,6 +146,9 @@ def test_by_block_takes_any_analysis_and_refuses_bad_arguments():
         op, {"out": ["2.weight", "2.bias"]}, lambda o, n_matvec: trace(o, n_matvec=n_matvec), n_matvec=8
     )
     assert list(spectra) == ["out"] and spectra.n_matvec == 8 and spectra["out"].n_matvec == 8
+    # A block smaller than k: all of its eigenpairs, from the dense block (Lanczos needs k < n).
+    small = by_block(op, {"bias": ["2.bias"]}, "topk", k=5)
+    assert small["bias"].k == 3 and small["bias"].eigenvalues.shape == (3,) and small.n_matvec == 3
     with pytest.raises(TypeError, match="v0: not supported per block"):
         by_block(op, "module", "topk", v0=torch.ones(66, dtype=torch.float64))
     with pytest.raises(TypeError, match="kk: not an option of topk"):
