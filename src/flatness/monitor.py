@@ -264,7 +264,7 @@ class Monitor:
     Attributes:
         records: the rows, oldest first.
         last_results: the full result of the latest record of each built-in measure that has
-            one (``sharpness``, ``top_eigenvalue``, ``trace``), e.g. ``n_hvp`` and residuals.
+            one (``sharpness``, ``top_eigenvalue``, ``trace``), e.g. ``n_matvec`` and residuals.
 
     Raises:
         ValueError, TypeError: unknown measure names, a name given twice, ``every`` < 1, empty
