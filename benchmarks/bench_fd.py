@@ -150,7 +150,7 @@ def measure(name, model, loss_fn, batches, dtypes=tuple(DTYPES)):
             finally:
                 KinkGuard.check = original
             lam_err = float(((top.eigenvalues.double() - lam).abs() / lam.abs()).max())
-            line = f"{str(dtype)[6:]:>9} {mode:>18} {err:12.2e} {lam_err:18.2e} {top.n_hvp:5d}"
+            line = f"{str(dtype)[6:]:>9} {mode:>18} {err:12.2e} {lam_err:18.2e} {top.n_matvec:5d}"
             if mode == "finite_difference":
                 at = run["warned_at"]
                 warned = f"warned at product {at}" if at else "no warning"

@@ -100,14 +100,14 @@ def measure(model, data, what: str, sharded: bool, mode: str = "finite_differenc
         with PeakRSS() as m:
             res = flatness.hessian_topk(model, F.cross_entropy, data, k=1, tol=1e-3, hvp_mode=mode)
         out["topk"] = m.extra
-        out["topk_hvp"] = res.n_hvp
+        out["topk_hvp"] = res.n_matvec
     if "topk-lean" in what:
         with PeakRSS() as m:
             res = flatness.hessian_topk(
                 model, F.cross_entropy, data, k=1, tol=1e-3, hvp_mode=mode, ncv=10, keep_products=False
             )
         out["topk-lean"] = m.extra
-        out["topk-lean_hvp"] = res.n_hvp
+        out["topk-lean_hvp"] = res.n_matvec
     out["n"] = obj.n
     out["n_local"] = n_local
     return out

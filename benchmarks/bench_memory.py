@@ -160,7 +160,7 @@ def run_config(config: str, hidden: int) -> dict:
     return {
         "config": config,
         "n": n,
-        "n_hvp": res.n_hvp,
+        "n_hvp": res.n_matvec,
         "lambda": float(res.eigenvalues[0]),
         "converged": res.converged,
         "time_s": t,
@@ -194,9 +194,9 @@ def run_other(config: str, hidden: int) -> dict:
     res = getattr(flatness, name)(model, loss_fn, batch, **options)
     extra = status("VmHWM") - before
     out = {"config": config, "n": n, "extra_n": extra / (4 * n)}
-    for key in ("n_hvp", "n_evals", "ncv"):
-        if hasattr(res, key):
-            out[key] = getattr(res, key)
+    for key, attr in (("n_hvp", "n_matvec"), ("n_evals", "n_evals"), ("ncv", "ncv")):
+        if hasattr(res, attr):
+            out[key] = getattr(res, attr)
     return out
 
 

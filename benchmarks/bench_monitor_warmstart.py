@@ -124,7 +124,7 @@ def edge_of_stability(args: argparse.Namespace) -> dict:
         for key, monitor in variants.items():
             row = monitor.step(model)
             if row is not None:
-                hvps[key].append(monitor.last_results["top_eigenvalue"].n_hvp)
+                hvps[key].append(monitor.last_results["top_eigenvalue"].n_matvec)
                 seconds[key] += row["time_s"]
         opt.zero_grad()
         mse(model(x), y).backward()

@@ -77,13 +77,13 @@ def main() -> None:
         t_ours = time.perf_counter() - t0
         op = HessianOperator(model, loss_fn, data)
         r_ours = true_residuals(op, res.eigenvalues, res.eigenvectors)
-        print(f"{'flatness lanczos':28s} {k:3d} {res.n_hvp:6d} {t_ours:8.1f} {r_ours.max():17.2e}")
+        print(f"{'flatness lanczos':28s} {k:3d} {res.n_matvec:6d} {t_ours:8.1f} {r_ours.max():17.2e}")
 
         op = HessianOperator(model, loss_fn, data)
         t0 = time.perf_counter()
         w, U = eigsh(op.to_scipy(), k=k, which="LA", tol=tol)
         t_e = time.perf_counter() - t0
-        n_e = op.n_hvp
+        n_e = op.n_matvec
         r_e = true_residuals(op, w, torch.from_numpy(U.T.copy()).to(op.dtype))
         print(f"{'scipy eigsh (ARPACK)':28s} {k:3d} {n_e:6d} {t_e:8.1f} {r_e.max():17.2e}")
 
@@ -92,7 +92,7 @@ def main() -> None:
             t0 = time.perf_counter()
             vals, vecs = power_deflation(op, k, tol, rule)
             t_p = time.perf_counter() - t0
-            n_p = op.n_hvp
+            n_p = op.n_matvec
             r_p = true_residuals(op, vals, vecs)
             name = f"power+deflation ({rule})"
             print(f"{name:28s} {k:3d} {n_p:6d} {t_p:8.1f} {r_p.max():17.2e}")

@@ -144,7 +144,7 @@ def main() -> None:
                 t = time.perf_counter() - t0
                 lam, vec = float(res.eigenvalues[0]), res.eigenvectors[0]
                 row = rows.setdefault(label, {"time": [], "hvp": [], "err": [], "res": []})
-                row["hvp"].append(res.n_hvp)
+                row["hvp"].append(res.n_matvec)
                 row["time"].append(t)
                 row["err"].append(abs(lam - ref) / ref)
                 row["res"].append(rel_residual(op, lam, vec))

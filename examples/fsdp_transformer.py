@@ -75,7 +75,7 @@ def run(rank: int, world: int, config: dict, device: str = "cpu") -> dict:
     out = {"n": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
     top = flatness.hessian_topk(model, F.cross_entropy, data, k=2, tol=1e-3)
-    out["topk"] = (top.eigenvalues.tolist(), top.n_hvp, top.converged, time.perf_counter() - t0)
+    out["topk"] = (top.eigenvalues.tolist(), top.n_matvec, top.converged, time.perf_counter() - t0)
     out["eigvec_shard"] = tuple(top.eigenvector_dicts()[0]["head.weight"].shape)
     tr = flatness.hessian_trace(model, F.cross_entropy, data, n_hvp=30, seed=1)
     out["trace"] = (tr.estimate, tr.std_error)

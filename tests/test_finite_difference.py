@@ -407,7 +407,7 @@ def test_fd_guard_on_fsdp_models(tmp_path):
                 assert len(r["warned"]) == 1
                 assert (
                     "not smooth (ReLU" in r["warned"][0]
-                    and "unsharded model with hvp_mode='reverse'" in r["warned"][0]
+                    and "model in one process with hvp_mode='reverse'" in r["warned"][0]
                 )
         else:
             assert ranks[0]["warned"] == ranks[1]["warned"] == []

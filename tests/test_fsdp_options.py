@@ -1160,7 +1160,11 @@ def _mon_expect(measures, records=1, rtol=1e-6, exact=("loss", "grad_norm", "top
     def expect(vals, O):
         import flatness
 
-        mon = flatness.Monitor(F.cross_entropy, O.data, every=1, measures=measures, **kw)
+        data, kw1 = O.data, dict(kw)
+        if "max_batches" in kw1:  # per rank, as in training: the first m batches of every shard
+            m = kw1.pop("max_batches")
+            data = O.shards[0][:m] + O.shards[1][:m]
+        mon = flatness.Monitor(F.cross_entropy, data, every=1, measures=measures, **kw1)
         for _ in range(records):
             mon.measure(O.model)
         for rank, r in enumerate(vals):

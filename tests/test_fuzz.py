@@ -473,6 +473,8 @@ def _call_model_level(fn_name: str, p: Problem, d: Data, opts: dict, fn_opts: di
 NAN_OK = {
     "average_sharpness": frozenset({"std_error"}),
     "hessian_trace": frozenset({"std_error"}),
+    # nodes: NaN-padded where a run stopped early (a block with fewer parameters than n_steps)
+    "hessian_density": frozenset({"nodes"}),
 }
 
 
@@ -546,6 +548,59 @@ def test_fuzz_hessian_trace(data):
 @given(st.data())
 def test_fuzz_hessian_density(data):
     _run_model_level(data.draw, "hessian_density", DENSITY, {"n_runs": 1, "n_steps": 4})
+
+
+# The composable core: the same options, the budgets under the algorithms' names.
+CORE_TABLES = {
+    "topk": {**{k: v for k, v in TOPK.items() if k != "max_hvp"}, "max_matvec": TOPK["max_hvp"]},
+    "trace": {**{k: v for k, v in TRACE.items() if k != "n_hvp"}, "n_matvec": TRACE["n_hvp"]},
+    "density": DENSITY,
+}
+CORE_REQUIRED = {"topk": {"max_matvec": 40}, "trace": {"n_matvec": 6}, "density": {"n_runs": 1, "n_steps": 4}}
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_spectrum_core(data):
+    """topk / trace / density / by_block on an operator built once, on the same odd models and data."""
+    draw = data.draw
+    p, d, opts, must, may = problem_and_data(draw)
+    analysis = draw(st.sampled_from(["topk", "trace", "density"]))
+    blocks = draw(st.sampled_from([None, None, "module", "parameter", "rows"]))
+    curvature = draw(st.sampled_from(["hessian", "hessian", "ggn", "empirical_fisher"]))
+    wrong_op = draw(st.sampled_from([False] * 5 + [True]))
+    fn_opts, fn_bad = draw(options(CORE_TABLES[analysis]))
+    for name, value in CORE_REQUIRED[analysis].items():
+        fn_opts.setdefault(name, value)
+    must |= fn_bad
+    if "k" in fn_opts and "k" not in fn_bad:
+        may.add("k")  # k must stay below n: small models with few trainable parameters
+    if blocks is not None:
+        may |= {"k", "blocks"}  # a block may hold fewer parameters than k + 1
+        if blocks == "rows":
+            must.add("blocks")
+    if curvature == "ggn":
+        may |= {"batch_loss", "likelihood", "loss_fn", "curvature", "model outputs"}
+    elif curvature == "empirical_fisher":
+        may |= {"batch_loss", "loss_fn", "curvature", "batch_size", "data"}
+    if wrong_op:
+        must.add("op")
+    if d.nan:
+        may |= {"data"}
+    received = {} if "epsilom" in opts else {**d.received, **{n: fn_opts[n] for n in fn_bad}}
+    with contract(p.model, must, may, received=received) as out:
+        op = flatness.curvature_operator(p.model, loss_fn_for(p, d), d.value, curvature=curvature, **opts)
+        target = torch.eye(3) if wrong_op else op
+        if blocks is None:
+            out["result"] = getattr(flatness, analysis)(target, **fn_opts)
+        else:
+            out["result"] = flatness.by_block(target, blocks, analysis, **fn_opts)
+    check_warnings(d, out)
+    if out["raised"] is None:
+        res = out["result"]
+        check_result(res, nan_ok=NAN_OK[f"hessian_{analysis}"] if analysis != "topk" else frozenset())
+        for one in res.values() if blocks is not None else [res]:
+            assert one.curvature == curvature
 
 
 def _run_grid(draw: st.DrawFn, fn_name: str) -> None:
@@ -907,6 +962,10 @@ def test_every_public_function_is_fuzzed():
         "hutchinson",
         "hutchpp",
         "slq_density",
+        "topk",
+        "trace",
+        "density",
+        "by_block",
     }
 
     def is_function_or_tool(obj: Any) -> bool:

@@ -23,7 +23,7 @@ def test_operator_matches_dense_hessian_torch_and_numpy():
     n = hess.shape[0]
     assert op.shape == (n, n)
     assert torch.allclose(op.dense(), hess, rtol=0, atol=1e-12)
-    assert op.n_hvp == n
+    assert op.n_matvec == n
     v = np.random.default_rng(0).standard_normal(n)
     out = op @ v
     assert isinstance(out, np.ndarray) and out.dtype == np.float64

@@ -395,7 +395,7 @@ def test_hessian_topk_on_replaying_persistent_loader_converges():
     model = small_model()
     loader = DataLoader(AugmentedDataset(24), batch_size=8, num_workers=1, persistent_workers=True)
     res = hessian_topk(model, F.cross_entropy, loader, k=1, tol=1e-4)
-    assert res.converged and res.n_hvp <= 60
+    assert res.converged and res.n_matvec <= 60
 
 
 # ---------------------------------------------------------------------------- found by tests/test_fuzz.py

@@ -29,6 +29,11 @@ from flatness.sharpness import (
 )
 from flatness.spectrum import (
     BlockSpectra,
+    CurvatureDensity,
+    CurvatureTopK,
+    CurvatureTrace,
+    by_block,
+    density,
     hessian_density,
     hessian_topk,
     hessian_trace,
@@ -36,6 +41,8 @@ from flatness.spectrum import (
     hutchpp,
     lanczos_eigsh,
     slq_density,
+    topk,
+    trace,
 )
 
 __version__ = "0.1.0"
@@ -44,7 +51,10 @@ __all__ = [
     "AdaptiveSharpnessResult",
     "AverageSharpnessResult",
     "BlockSpectra",
+    "CurvatureDensity",
     "CurvatureOperator",
+    "CurvatureTopK",
+    "CurvatureTrace",
     "EmpiricalFisherOperator",
     "FisherOperator",
     "GGNOperator",
@@ -58,7 +68,9 @@ __all__ = [
     "__version__",
     "adaptive_sharpness",
     "average_sharpness",
+    "by_block",
     "curvature_operator",
+    "density",
     "eigen_directions",
     "hessian_density",
     "hessian_topk",
@@ -74,4 +86,6 @@ __all__ = [
     "random_direction",
     "sharpness",
     "slq_density",
+    "topk",
+    "trace",
 ]

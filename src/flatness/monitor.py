@@ -54,7 +54,10 @@ def _grad_norm(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any
     from flatness.objective import Objective
 
     obj = Objective(model, loss_fn, data, **options)
-    return obj.space.norm64(obj.grad()), None  # ‖∇L‖ over every rank of a sharded model
+    g = obj.grad()
+    if obj.supports("whole_vectors"):
+        return float(g.norm()), None
+    return obj.space.norm64(g), None  # ‖∇L‖ over every rank: the vector is this rank's part
 
 
 def _sharpness(model: nn.Module, loss_fn: Any, data: Any, options: dict[str, Any]) -> tuple[float, Any]:
@@ -256,7 +259,7 @@ class Monitor:
     Attributes:
         records: the rows, oldest first.
         last_results: the full result of the latest record of each built-in measure that has
-            one (``sharpness``, ``top_eigenvalue``, ``trace``), e.g. ``n_hvp`` and residuals.
+            one (``sharpness``, ``top_eigenvalue``, ``trace``), e.g. ``n_matvec`` and residuals.
 
     Raises:
         ValueError, TypeError: unknown measure names, a name given twice, ``every`` < 1, empty

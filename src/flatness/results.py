@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Result", "to_jsonable"]
+__all__ = ["DeprecatedAlias", "MatvecCount", "Result", "to_jsonable"]
 
 
 def _summary(value: torch.Tensor | np.ndarray) -> dict[str, Any]:
@@ -160,7 +161,44 @@ class Result:
             isinstance(max_array_size, bool) or not isinstance(max_array_size, int) or max_array_size < 0
         ):
             raise ValueError(f"max_array_size: got {max_array_size!r}; expected an int >= 0 or None")
-        out = to_jsonable(self, max_array_size=max_array_size)
-        for key in getattr(self, "_extra_keys", ()):
-            out[key] = to_jsonable(getattr(self, key), max_array_size=max_array_size)
-        return out
+        return to_jsonable(self, max_array_size=max_array_size)
+
+
+class DeprecatedAlias:
+    """A read-only attribute kept under an old name: returns ``new`` with a ``DeprecationWarning``.
+
+    Not a dataclass field, so it is in neither ``to_dict()`` nor ``repr``.
+
+    Args:
+        new: the attribute's current name.
+        removal: when the old name goes (said in the warning).
+    """
+
+    def __init__(self, new: str, removal: str = "in the next release") -> None:
+        self.new = new
+        self.removal = removal
+        self.old = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.old = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        warnings.warn(
+            f"{type(obj).__name__}.{self.old} is deprecated and will be removed {self.removal}; "
+            f"use .{self.new} (the same number)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(obj, self.new)
+
+
+class MatvecCount:
+    """Mixin of everything that counts matrix-vector products in ``n_matvec``.
+
+    ``n_hvp``, the count's former name on the spectrum results, :class:`flatness.BlockSpectra`
+    and :class:`flatness.HessianOperator`, is a deprecated alias of ``n_matvec``.
+    """
+
+    n_hvp = DeprecatedAlias("n_matvec")

@@ -8,11 +8,12 @@ from collections.abc import Iterator
 import torch
 
 from flatness.operators._base import CurvatureOperator
+from flatness.results import MatvecCount
 
 __all__ = ["HessianOperator"]
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(CurvatureOperator, MatvecCount):
     """H = ∇²L(θ₀), the full-data Hessian at the model's parameters, as an operator.
 
     .. math:: H = \\sum_b \\frac{m_b}{M} \\nabla^2_\\theta \\ell_b(\\theta_0)
@@ -26,7 +27,7 @@ class HessianOperator(CurvatureOperator):
 
     Attributes:
         shape: ``(n, n)`` with n the number of chosen parameters.
-        n_hvp: Hessian-vector products done by the objective so far.
+        n_matvec: products done so far (``n_hvp`` before: a deprecated alias).
         objective: the underlying :class:`flatness.Objective`.
 
     Examples:
@@ -44,10 +45,6 @@ class HessianOperator(CurvatureOperator):
     name = "hessian"
     requires = ()
     product_name = "Hessian-vector product"
-
-    @property
-    def n_hvp(self) -> int:
-        return self.objective.n_hvp
 
     @contextlib.contextmanager
     def reusing_graph(self) -> Iterator[None]:

@@ -1,32 +1,49 @@
-"""Model-level spectra of curvature matrices: top-k eigenpairs, trace, spectral density.
+"""Spectra of curvature matrices: top-k eigenpairs, trace, spectral density, per block.
 
-:func:`hessian_topk`, :func:`hessian_trace` and :func:`hessian_density` build the curvature
-operator of ``(model, loss_fn, data)`` (:mod:`flatness.operators`) and run the algorithms of
-:mod:`flatness.algorithms` on it. The algorithms are re-exported here for compatibility.
+The composable core (:mod:`flatness.spectrum.core`): build a curvature operator once
+(:func:`flatness.curvature_operator` or a class of :mod:`flatness.operators`), then run
+:func:`topk`, :func:`trace`, :func:`density` or :func:`by_block` on it. The model-level
+conveniences :func:`hessian_topk`, :func:`hessian_trace` and :func:`hessian_density` build the
+operator of ``(model, loss_fn, data)`` and call them. The algorithms of
+:mod:`flatness.algorithms` are re-exported here for compatibility.
 """
 
 from flatness.algorithms.density import DensityResult, slq_density
 from flatness.algorithms.lanczos import LanczosResult, lanczos_eigsh
 from flatness.algorithms.trace import TraceResult, hutchinson, hutchpp, trace_estimate
-from flatness.spectrum.hessian import (
+from flatness.spectrum.core import (
     BlockSpectra,
+    CurvatureDensity,
+    CurvatureTopK,
+    CurvatureTrace,
+    by_block,
+    density,
+    parameter_blocks,
+    topk,
+    trace,
+)
+from flatness.spectrum.hessian import (
     HessianDensity,
     HessianTopK,
     HessianTrace,
     hessian_density,
     hessian_topk,
     hessian_trace,
-    parameter_blocks,
 )
 
 __all__ = [
     "BlockSpectra",
+    "CurvatureDensity",
+    "CurvatureTopK",
+    "CurvatureTrace",
     "DensityResult",
     "HessianDensity",
     "HessianTopK",
     "HessianTrace",
     "LanczosResult",
     "TraceResult",
+    "by_block",
+    "density",
     "hessian_density",
     "hessian_topk",
     "hessian_trace",
@@ -35,5 +52,7 @@ __all__ = [
     "lanczos_eigsh",
     "parameter_blocks",
     "slq_density",
+    "topk",
+    "trace",
     "trace_estimate",
 ]

@@ -3,35 +3,39 @@
 Each function binds ``(model, loss_fn, data)`` into the exact full-data objective
 (:class:`flatness.Objective`), builds the curvature operator named by ``curvature=`` (the
 Hessian by default; the GGN, the Fisher or the empirical Fisher, see :mod:`flatness.operators`)
-and runs an algorithm of :mod:`flatness.algorithms` on it, on the model's device. With
-``blocks=`` the same is done for each parameter block's diagonal block, in one call.
+and runs :func:`flatness.topk`, :func:`flatness.trace` or :func:`flatness.density` on it (see
+:mod:`flatness.spectrum.core`), on the model's device. With ``blocks=`` the same is done for each
+parameter block's diagonal block, in one call (:func:`flatness.by_block`). To run several
+analyses on one matrix, build the operator once and call those functions directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from flatness._utils.progress import ProgressArg
-from flatness._utils.validate import check_choice, check_positive
-from flatness.algorithms.density import DensityResult, slq_density
-from flatness.algorithms.lanczos import (
-    LanczosResult,
-    Which,
-    check_v0_mix,
-    check_which,
-    default_ncv,
-    lanczos_eigsh,
-)
-from flatness.algorithms.trace import METHODS, TraceResult, trace_estimate
+from flatness._utils.validate import check_choice
+from flatness.algorithms.lanczos import Which
 from flatness.objective import check_options
 from flatness.objective._guard import model_guard
 from flatness.operators import CurvatureOperator, build_operator, curvatures, split_options
-from flatness.results import Result
+from flatness.spectrum.core import (
+    BlockSpectra,
+    CurvatureDensity,
+    CurvatureTopK,
+    CurvatureTrace,
+    by_block,
+    check_topk,
+    check_trace,
+    density,
+    parameter_blocks,
+    topk,
+    trace,
+)
 
 __all__ = [
     "BlockSpectra",
@@ -47,201 +51,16 @@ __all__ = [
 Curvature = Literal["hessian", "ggn", "fisher", "empirical_fisher"]
 Blocks = Literal["module", "parameter"] | Mapping[str, Any] | None
 
-
-@dataclasses.dataclass(frozen=True)
-class HessianTopK(LanczosResult):
-    """The k extreme eigenpairs of a curvature matrix (the Hessian by default), certified.
-
-    The fields of :class:`flatness.algorithms.LanczosResult` (eigenvalues, eigenvectors (k, n) in
-    θ's flat order, true residuals, ``n_matvec``, converged, ...), plus:
-
-    Attributes:
-        names, shapes: θ's parameter names and shapes (see :meth:`eigenvector_dicts`).
-        curvature: the matrix: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        graph_reused: whether the products reused kept gradient graphs (one backward pass per
-            batch instead of a full pass; see :meth:`flatness.Objective.reusing_graph`).
-        n_hvp: the products used (= ``n_matvec``).
-    """
-
-    names: tuple[str, ...] = ()
-    shapes: tuple[tuple[int, ...], ...] = ()
-    curvature: str = "hessian"
-    graph_reused: bool = False
-    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
-
-    @property
-    def n_hvp(self) -> int:
-        return self.n_matvec
-
-    def eigenvector_dicts(self) -> list[dict[str, torch.Tensor]]:
-        """The eigenvectors as parameter-shaped dicts keyed like ``model.named_parameters()``."""
-        from flatness.objective._params import ParamLayout
-
-        layout = ParamLayout(self.names, self.shapes)
-        return [layout.unflatten(vec) for vec in self.eigenvectors]
+# The former names of the results (deprecated, removed in the next release): the same classes.
+HessianTopK = CurvatureTopK
+HessianTrace = CurvatureTrace
+HessianDensity = CurvatureDensity
 
 
-@dataclasses.dataclass(frozen=True)
-class HessianTrace(TraceResult):
-    """An estimate of tr(A) for a curvature matrix A (the Hessian by default).
-
-    The fields of :class:`flatness.algorithms.TraceResult` (estimate, std_error, ``n_matvec``,
-    method, n_probes, sketch_size), plus ``curvature``, ``graph_reused`` (as in
-    :class:`HessianTopK`) and ``n_hvp`` (= ``n_matvec``).
-    """
-
-    curvature: str = "hessian"
-    graph_reused: bool = False
-    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
-
-    @property
-    def n_hvp(self) -> int:
-        return self.n_matvec
-
-
-@dataclasses.dataclass(frozen=True)
-class HessianDensity(DensityResult):
-    """The eigenvalue density of a curvature matrix by stochastic Lanczos quadrature.
-
-    The fields of :class:`flatness.algorithms.DensityResult` (grid, density, nodes, weights,
-    ``n_matvec``, sigma, n_runs, n_steps), plus ``curvature``, ``graph_reused`` (as in
-    :class:`HessianTopK`) and ``n_hvp`` (= ``n_matvec``).
-    """
-
-    curvature: str = "hessian"
-    graph_reused: bool = False
-    _extra_keys: ClassVar[tuple[str, ...]] = ("n_hvp",)
-
-    @property
-    def n_hvp(self) -> int:
-        return self.n_matvec
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSpectra(Result, Mapping):  # type: ignore[misc]
-    """One result per parameter block (the diagonal blocks of the curvature matrix).
-
-    A read-only mapping block name → result (``spectra["fc1"]``, ``.items()``, ``.keys()``,
-    ``in``, ``len``), in the model's parameter order.
-
-    Attributes:
-        blocks: ``{block name: result}`` in the model's parameter order; each result is a
-            :class:`HessianTopK`, :class:`HessianTrace` or :class:`HessianDensity` of that block.
-        params: ``{block name: the parameter names in it}``.
-        n_hvp: products used over all blocks.
-
-    Examples:
-        >>> import torch, flatness
-        >>> _ = torch.manual_seed(0)
-        >>> model = torch.nn.Linear(3, 1).double()
-        >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
-        >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
-        >>> spectra = flatness.hessian_trace(model, loss_fn, data, n_hvp=12, blocks="parameter")
-        >>> list(spectra), spectra.params["bias"]
-        (['weight', 'bias'], ('bias',))
-        >>> round(spectra["bias"].estimate, 6)  # d²L/db² = 2 for the mean squared error
-        2.0
-    """
-
-    blocks: dict[str, Any]
-    params: dict[str, tuple[str, ...]]
-    n_hvp: int
-
-    def __getitem__(self, name: str) -> Any:
-        return self.blocks[name]
-
-    def __iter__(self) -> Any:
-        return iter(self.blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-
-def parameter_blocks(model: nn.Module, names: list[str], blocks: Blocks) -> dict[str, tuple[str, ...]]:
-    """Group θ's parameter ``names`` into blocks.
-
-    ``"module"``: one block per module that owns parameters directly (a layer), named after
-    it; ``"parameter"``: one block per parameter tensor; a mapping ``{block: [parameter
-    names]}`` as given (each name once, all among ``names``).
-    """
-    if isinstance(blocks, str):
-        check_choice("blocks", blocks, ("module", "parameter"))
-        if blocks == "parameter":
-            return {n: (n,) for n in names}
-        out: dict[str, tuple[str, ...]] = {}
-        for n in names:
-            owner = n.rpartition(".")[0] or "(model)"
-            out[owner] = (*out.get(owner, ()), n)
-        return out
-    if not isinstance(blocks, Mapping):
-        raise TypeError(
-            "blocks: expected 'module', 'parameter' or a mapping {block name: [parameter names]}, "
-            f"got {type(blocks).__name__}"
-        )
-    seen: set[str] = set()
-    out = {}
-    for key, members in blocks.items():
-        members = (members,) if isinstance(members, str) else tuple(members)
-        if not members or not all(isinstance(m, str) for m in members):
-            raise ValueError(f"blocks: block {key!r} must list one or more parameter names, got {members!r}")
-        unknown = [m for m in members if m not in names]
-        if unknown:
-            raise ValueError(
-                f"blocks: block {key!r} names {unknown[:3]}, which are not among the measured "
-                f"parameters (e.g. {names[:4]})"
-            )
-        twice = [m for m in members if m in seen]
-        if twice:
-            raise ValueError(f"blocks: parameter {twice[0]!r} is in more than one block")
-        seen.update(members)
-        out[str(key)] = members
-    if not out:
-        raise ValueError("blocks: the mapping is empty; give at least one block")
-    return out
-
-
-def _per_block(op: CurvatureOperator, blocks: Blocks, fn: Callable[[CurvatureOperator], Any]) -> BlockSpectra:
-    groups = parameter_blocks(op.objective.model, op.objective.names, blocks)
-    results = {name: fn(op.block(list(members))) for name, members in groups.items()}
-    return BlockSpectra(results, groups, sum(r.n_matvec for r in results.values()))
-
-
-def _start(op: CurvatureOperator, v0: Any) -> torch.Tensor | None:
-    if v0 is None:
-        return None
-    if isinstance(v0, Mapping):
-        return op.objective.flatten(dict(v0))
-    return op.objective.as_vector(v0, "v0")
-
-
-def _dense_topk(op: CurvatureOperator, k: int, which: str, tol: float, ncv: int) -> HessianTopK:
-    """All of a small block's matrix (n products) and its exact eigenpairs."""
-    from flatness.algorithms.lanczos import _order
-
-    with op.reusing_graph():
-        A = op.dense().double()
-    A = (A + A.T) / 2
-    vals, vecs = torch.linalg.eigh(A)
-    order = _order(vals, which)[:k]
-    vals, vecs = vals[order], vecs[:, order].T
-    res = (vecs @ A - vals[:, None] * vecs).norm(dim=1)
-    obj = op.objective
-    return HessianTopK(
-        eigenvalues=vals.to(obj.dtype),
-        eigenvectors=vecs.to(obj.dtype),
-        residuals=res.to(obj.dtype),
-        n_matvec=op.shape[0],
-        converged=True,
-        n_restarts=0,
-        which=which,
-        k=k,
-        tol=float(tol),
-        ncv=ncv,
-        names=tuple(obj.names),
-        shapes=tuple(tuple(s) for s in obj.shapes),
-        curvature=op.name,
-        graph_reused=op.graph_reused,
-    )
+def _per_block(
+    op: CurvatureOperator, blocks: Blocks, analysis: Callable[..., Any], **kwargs: Any
+) -> BlockSpectra:
+    return by_block(op, blocks, analysis, **kwargs)
 
 
 def hessian_topk(
@@ -264,21 +83,26 @@ def hessian_topk(
     min_steps: int | None = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianTopK | BlockSpectra:
-    """The k extreme eigenpairs of the loss Hessian (or GGN, Fisher), certified by their residuals.
+) -> CurvatureTopK | BlockSpectra:
+    """The k largest / smallest / largest-magnitude eigenpairs of the loss Hessian (or GGN, Fisher).
 
     .. math:: A\\, v_i = \\lambda_i v_i,\\qquad
         \\|A v_i - \\lambda_i v_i\\| \\le \\mathrm{tol}\\cdot\\max(|\\lambda_i|, \\mathrm{tiny})
 
-    with A = ∇²L(θ) (default) or the matrix named by ``curvature``. Thick-restart Lanczos with
-    full reorthogonalization (Lanczos 1950; Wu & Simon 2000; :func:`flatness.lanczos_eigsh`); like
-    ARPACK, it may return an exactly repeated eigenvalue fewer times than its multiplicity.
+    with A = ∇²L(θ) (default) or the curvature matrix named by ``curvature``. Thick-restart
+    Lanczos with full reorthogonalization (Lanczos 1950; Wu & Simon 2000), see
+    :func:`flatness.lanczos_eigsh`: it checks convergence after every product and stops once
+    the k residuals are confirmed (after at least min(ncv, 11) products for k = 1, ncv for
+    k > 1); replaces the power iteration with deflation of PyHessian (Yao et al. 2020, arXiv 1912.07145). With one batch
+    (or a few), the gradient graph is kept across products (``reuse_graph``, see
+    :meth:`flatness.Objective.reusing_graph`). Like every single-vector Krylov method (ARPACK
+    included), an exactly repeated eigenvalue may be returned fewer times than its multiplicity.
 
-    Cost: one product per Lanczos step (a full data pass, or one backward pass per batch when the
-    gradient graphs are kept, see :meth:`flatness.Objective.reusing_graph`), at least
-    ``min_steps``, plus k to confirm the residuals unless the products are stored. Memory: up to
-    m + 1 basis vectors of n numbers on ``basis_device`` (m = ``ncv``), m more with
-    ``keep_products``, and one product's working memory (docs: "large models").
+    Memory beyond the model, in vectors of n numbers (m = ``ncv``: max(2k + 1, 20), or
+    max(2k + 1, 10) when the basis would take more than 256 MiB): at most
+    m + 1 for the basis (j + 1 when it stops after j products) and k for the result, on
+    ``basis_device``; m more with ``keep_products``; and one product's working memory (about
+    4 for an MLP, plus activations), or the kept graphs. See the "large models" page of the docs.
 
     Args:
         model: the network (any ``nn.Module``; see :class:`flatness.Objective`).
@@ -288,28 +112,37 @@ def hessian_topk(
         which: ``"largest"``, ``"smallest"`` (algebraic) or ``"magnitude"``.
         tol: relative residual tolerance (> 0).
         max_hvp: product budget (default 100·m); ``converged=False`` if it runs out.
-        ncv: Lanczos basis size m, k < m ≤ n; default max(2k + 1, 20), or max(2k + 1, 10) when
-            m + 1 vectors would take more than 256 MiB.
+        ncv: Lanczos basis size m (k < m ≤ n; default as above).
         seed: seed of the starting vector.
         v0: a starting vector instead (flat, or a dict like ``named_parameters()``), e.g. the
-            previous eigenvector when λ₁ is tracked during training.
-        v0_mix: weight of the seeded standard Gaussian vector added to the unit ``v0`` (default
-            0.3; 0 starts from v0 exactly), so that a new top eigenvector orthogonal to v0 is found.
-        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        blocks: ``"module"``, ``"parameter"`` or ``{name: [parameter names]}``: one result per
-            diagonal block (small blocks solved densely); ``None`` (default): the whole matrix.
-        basis_device: where the basis and the eigenvectors live (default: the model's device).
-        keep_products: store A V to confirm residuals without extra products: ``True``,
-            ``False`` or ``"auto"`` (when they take ≤ 256 MiB).
-        min_steps: products before any pair may be accepted; default min(ncv, 11) for k = 1,
-            ncv for k > 1 (see :func:`flatness.algorithms.lanczos.default_min_steps`).
+            previous eigenvector when λ₁ is tracked during training; ``v0_mix`` times a seeded
+            standard Gaussian vector is added to the unit v0.
+        v0_mix: weight of that random part (default 0.3; 0 starts from v0 exactly): every
+            eigendirection starts with weight ≈ ``v0_mix`` against v0's 1, so a new top
+            eigenvector orthogonal to v0 (an eigenvalue crossing) is still found (see
+            :func:`flatness.lanczos_eigsh` and the "monitor" page of the docs for measured rates).
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``
+            (see :mod:`flatness.operators`; the Fisher takes ``mc_samples``, ``likelihood``,
+            ``mc_seed`` among the options).
+        blocks: ``None``, or per-block spectra: ``"module"`` (one block per layer),
+            ``"parameter"``, or ``{block name: [parameter names]}``; then a :class:`BlockSpectra`
+            of one :class:`CurvatureTopK` per block (a block with at most ``ncv`` parameters is
+            solved densely, exactly, with one product per parameter).
+        basis_device: where the Lanczos basis and the eigenvectors live (default: the model's
+            device); ``"cpu"`` keeps them in host memory while the model is on a GPU.
+        keep_products: store the products A V to confirm residuals without extra products
+            (``True``, ``False``, or ``"auto"``: when they take ≤ 256 MiB).
+        min_steps: products before any pair may be accepted (default min(ncv, 11) for k = 1,
+            ncv for k > 1); raise it (e.g. to 20) for top eigenvalues only a few ``tol`` apart,
+            or for a warm ``v0`` with a smaller ``v0_mix`` or ``ncv`` (see :func:`flatness.algorithms.lanczos.default_min_steps`).
         progress: ``True``, a callable ``(step, total, info)``, or False.
-        **options: forwarded to :class:`flatness.Objective` (``params``, ``dtype``,
-            ``batch_loss``, ``max_batches``, ``hvp_mode``, ``reuse_graph``, ...) and to the
-            operator (``mc_samples``, ``likelihood``, ``mc_seed`` for the Fisher).
+        **options: forwarded to :class:`flatness.Objective` (params, reduction, dtype, train,
+            batch_loss, batch_outputs, max_batches, batch_size, hvp_mode, data_seed,
+            reuse_graph).
 
     Returns:
-        :class:`HessianTopK` (or :class:`BlockSpectra` of them with ``blocks``).
+        :class:`CurvatureTopK` (or :class:`BlockSpectra` with ``blocks``), its ``curvature``
+        naming the matrix.
 
     Raises:
         ValueError, TypeError: naming the argument, for k ∉ [1, n), tol ≤ 0, unknown ``which``
@@ -323,60 +156,35 @@ def hessian_topk(
         >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
         >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
         >>> top = flatness.hessian_topk(model, loss_fn, data, k=2)
-        >>> [round(v, 3) for v in top.eigenvalues.tolist()], top.converged, top.n_hvp
+        >>> [round(v, 3) for v in top.eigenvalues.tolist()], top.converged, top.n_matvec
         ([3.41, 2.85], True, 4)
         >>> A = torch.cat([X, torch.ones(16, 1).double()], 1)
         >>> torch.linalg.eigvalsh(2 * A.T @ A / 16)[-2:].flip(0).round(decimals=3).tolist()  # the exact H
         [3.41, 2.85]
     """
     _check(hessian_topk, curvature, options)
-    check_which(which)
-    check_positive("tol", tol)
-    check_positive("max_hvp", max_hvp, integer=True, allow_none=True)
-    check_positive("k", k, integer=True)
-    check_v0_mix(v0_mix)
+    check_topk(k, which, tol, max_hvp, v0_mix, budget="max_hvp")
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
-
-        def solve(o: CurvatureOperator) -> HessianTopK:
-            n = o.shape[0]
-            whole = o.objective.supports("whole_vectors")  # eigenvectors as whole vectors here
-            if blocks is not None and whole and n <= (ncv or default_ncv(k, 10**9)):
-                return _dense_topk(o, min(k, n), which, tol, ncv or default_ncv(k, n))
-            with o.reusing_graph():
-                res = lanczos_eigsh(
-                    o,
-                    k=k,
-                    which=which,
-                    tol=tol,
-                    ncv=ncv,
-                    max_matvec=max_hvp,
-                    v0=_start(o, v0) if blocks is None else None,
-                    v0_mix=v0_mix,
-                    seed=seed,
-                    basis_device=basis_device,
-                    keep_products=keep_products,
-                    min_steps=min_steps,
-                    progress=progress,
-                )
-            obj = o.objective
-            # Eigenvectors are local vectors: this process's part of each parameter.
-            shapes = obj.local_shapes
-            return HessianTopK(
-                **_fields(res),
-                names=tuple(obj.names),
-                shapes=tuple(tuple(s) for s in shapes),
-                curvature=curvature,
-                graph_reused=o.graph_reused,
-            )
-
+        kwargs = dict(
+            which=which,
+            tol=tol,
+            max_matvec=max_hvp,
+            ncv=ncv,
+            seed=seed,
+            v0_mix=v0_mix,
+            basis_device=basis_device,
+            keep_products=keep_products,
+            min_steps=min_steps,
+            progress=progress,
+        )
         if blocks is not None:
             if v0 is not None:
                 raise TypeError(
                     "v0: not supported with blocks= (each block starts from its own seeded vector)"
                 )
-            return _per_block(op, blocks, solve)
-        return solve(op)
+            return _per_block(op, blocks, topk, k=k, **kwargs)
+        return topk(op, k, v0=v0, **kwargs)
 
 
 def hessian_trace(
@@ -391,7 +199,7 @@ def hessian_trace(
     blocks: Blocks = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianTrace | BlockSpectra:
+) -> CurvatureTrace | BlockSpectra:
     """tr(A) of the loss Hessian (or GGN, Fisher) by Hutch++ or Hutchinson with Rademacher probes.
 
     .. math:: \\mathrm{tr}(A) \\approx \\mathrm{tr}(Q^\\top A Q)
@@ -414,7 +222,7 @@ def hessian_trace(
         **options: forwarded to :class:`flatness.Objective`.
 
     Returns:
-        :class:`HessianTrace` (or :class:`BlockSpectra` with ``blocks``).
+        :class:`CurvatureTrace` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
         ValueError, TypeError: for an unknown method, a bad n_hvp, or the objective's checks;
@@ -427,30 +235,18 @@ def hessian_trace(
         >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
         >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
         >>> tr = flatness.hessian_trace(model, loss_fn, data, n_hvp=12)
-        >>> round(tr.estimate, 4), tr.n_hvp
+        >>> round(tr.estimate, 4), tr.n_matvec
         (8.2405, 12)
         >>> A = torch.cat([X, torch.ones(16, 1).double()], 1)
         >>> round((2 * A.T @ A / 16).trace().item(), 4)  # the exact trace
         8.2405
     """
     _check(hessian_trace, curvature, options)
-    check_choice("method", method, METHODS)
-    check_positive("n_hvp", n_hvp, integer=True)
-    least = 4 if method == "hutch++" else 2
-    if n_hvp < least:
-        raise ValueError(
-            f"n_hvp: got {n_hvp}; {method} needs at least {least} "
-            + ("(a sketch and ≥ 2 probes)" if method == "hutch++" else "probes for a standard error")
-        )
+    check_trace(method, n_hvp, budget="n_hvp")
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
-
-        def solve(o: CurvatureOperator) -> HessianTrace:
-            with o.reusing_graph():
-                res = trace_estimate(o, method=method, n_matvec=n_hvp, seed=seed, progress=progress)
-            return HessianTrace(**_fields(res), curvature=curvature, graph_reused=o.graph_reused)
-
-        return _per_block(op, blocks, solve) if blocks is not None else solve(op)
+        kwargs = dict(method=method, n_matvec=n_hvp, seed=seed, progress=progress)
+        return _per_block(op, blocks, trace, **kwargs) if blocks is not None else trace(op, **kwargs)
 
 
 def hessian_density(
@@ -468,7 +264,7 @@ def hessian_density(
     basis_device: torch.device | str | None = None,
     progress: ProgressArg = False,
     **options: Any,
-) -> HessianDensity | BlockSpectra:
+) -> CurvatureDensity | BlockSpectra:
     """The eigenvalue density of the loss Hessian (or GGN, Fisher) by stochastic Lanczos quadrature.
 
     .. math:: \\phi(t) = \\frac1{n_v}\\sum_{r}\\sum_j \\tau^{(r)}_j g_\\sigma(t - \\lambda^{(r)}_j)
@@ -496,7 +292,7 @@ def hessian_density(
         **options: forwarded to :class:`flatness.Objective`.
 
     Returns:
-        :class:`HessianDensity` (or :class:`BlockSpectra` with ``blocks``).
+        :class:`CurvatureDensity` (or :class:`BlockSpectra` with ``blocks``).
 
     Raises:
         ValueError, TypeError: for bad n_runs, n_steps, sigma, grid, or the objective's checks.
@@ -508,32 +304,22 @@ def hessian_density(
         >>> X, y = torch.randn(16, 3).double(), torch.randn(16, 1).double()
         >>> data, loss_fn = [(X, y)], torch.nn.functional.mse_loss
         >>> dens = flatness.hessian_density(model, loss_fn, data, n_runs=2, n_steps=4, grid=100)
-        >>> dens.grid.shape, round(torch.trapezoid(dens.density, dens.grid).item(), 3), dens.n_hvp
+        >>> dens.grid.shape, round(torch.trapezoid(dens.density, dens.grid).item(), 3), dens.n_matvec
         (torch.Size([100]), 1.0, 8)
     """
     _check(hessian_density, curvature, options)
     with model_guard(model):
         op = build_operator(model, loss_fn, data, curvature, options)
-
-        def solve(o: CurvatureOperator) -> HessianDensity:
-            with o.reusing_graph():
-                res = slq_density(
-                    o,
-                    n_runs=n_runs,
-                    n_steps=n_steps,
-                    sigma=sigma,
-                    grid=grid,
-                    seed=seed,
-                    basis_device=basis_device,
-                    progress=progress,
-                )
-            return HessianDensity(**_fields(res), curvature=curvature, graph_reused=o.graph_reused)
-
-        return _per_block(op, blocks, solve) if blocks is not None else solve(op)
-
-
-def _fields(res: Result) -> dict[str, Any]:
-    return {f.name: getattr(res, f.name) for f in dataclasses.fields(res)}
+        kwargs = dict(
+            n_runs=n_runs,
+            n_steps=n_steps,
+            sigma=sigma,
+            grid=grid,
+            seed=seed,
+            basis_device=basis_device,
+            progress=progress,
+        )
+        return _per_block(op, blocks, density, **kwargs) if blocks is not None else density(op, **kwargs)
 
 
 def _check(fn: Callable[..., Any], curvature: Any, options: dict[str, Any]) -> None:
