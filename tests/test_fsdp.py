@@ -196,7 +196,7 @@ def _model_level(rank, state_dicts):
     sharp = flatness.sharpness(model, F.cross_entropy, data, epsilon=1e-2, subspace=4, max_iter=3, seed=5)
     out["sharp"], out["sharp_loss"] = sharp.value, sharp.loss
     obj = ShardedObjective(model, F.cross_entropy, data)
-    from flatness.sharpness import _space_subspace as _sharded_subspace
+    from flatness.sharpness.keskar import _space_subspace as _sharded_subspace
 
     out["sharp_A"] = _sharded_subspace(4, obj, torch.Generator().manual_seed(5))[0].T  # (p, n_local)
     out["avg"] = flatness.average_sharpness(model, F.cross_entropy, data, rho=0.05, n_samples=3, seed=6).value
@@ -666,7 +666,7 @@ def _options(rank, state_dict):
     """Replayable shuffling loaders, batch_size=, reduction='sum', max_batches on 2 ranks."""
     import flatness
     from flatness import Objective as ShardedObjective
-    from flatness.sharpness import _space_subspace as _sharded_subspace
+    from flatness.sharpness.keskar import _space_subspace as _sharded_subspace
 
     x, y = make_data()
     model = _sharded(state_dict)

@@ -1139,8 +1139,10 @@ def _pca_expect(params=None):
     return expect
 
 
-case("pca_directions.default", _pca_run(), _pca_expect())
-case("pca_directions.params", _pca_run(LAST), _pca_expect(LAST), "params")
+# PCA of a trajectory is an SVD over whole checkpoints: refused as a whole for a sharded model,
+# naming ``model`` (whatever the options).
+case("pca_directions.default", _pca_run(), _pca_expect(), "model")
+case("pca_directions.params", _pca_run(LAST), _pca_expect(LAST), ("params", "model"))
 
 
 # ---- Monitor

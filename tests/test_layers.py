@@ -3,7 +3,7 @@
 Bottom to top: ``_utils`` and ``results`` (imports nothing of flatness) → ``algorithms`` (the
 numerical layer: operators as matvecs, vectors in a VectorSpace) → ``objective`` (models, data,
 backends) → ``operators`` (curvature matrices) → the measures ``spectrum``, ``landscape``,
-``sharpness`` → ``monitor`` and ``plot`` → ``integrations``; the package face (``flatness``)
+``sharpness`` (packages) → ``monitor`` and ``plot`` → ``integrations``; the package face (``flatness``)
 re-exports. Every import counts, also one inside a function. See docs/architecture.md.
 """
 
