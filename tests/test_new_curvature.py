@@ -98,3 +98,11 @@ def test_the_docs_show_the_example_file():
     code = EXAMPLE.read_text()
     cls = code[code.index("@register_curvature") : code.index("def main()")].rstrip()
     assert cls in block
+
+
+def test_the_example_runs_as_a_script(example, capsys):
+    example["main"]()
+    lines = capsys.readouterr().out.splitlines()
+    damped = lines[0].split(":", 1)[1].strip()
+    plain = lines[1].split(":", 1)[1].strip()
+    assert damped == plain  # the damped top-2 are H's top-2 + λ, to the printed 6 digits
