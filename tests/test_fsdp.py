@@ -441,7 +441,7 @@ class _OneProcess:
 def test_model_level_functions_on_two_ranks_equal_one_process(tmp_path):
     import flatness
     from flatness.algorithms import slq_density, trace_estimate
-    from flatness.sharpness import _Evaluator  # noqa: F401  (the same module is used by the ranks)
+    from flatness.sharpness._common import _Evaluator  # noqa: F401  (the same module is used by the ranks)
 
     model, model_b = _two_models()
     ranks = run_ranks(tmp_path, "model_level", {"a": model.state_dict(), "b": model_b.state_dict()})
