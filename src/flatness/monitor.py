@@ -151,7 +151,7 @@ def _shared_keywords() -> list[str]:
     from flatness.objective import Objective
 
     params = inspect.signature(Objective.__init__).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and not p.name.startswith("_")]
 
 
 def _merge_shared(shared: dict[str, Any], star: dict[str, Any]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def check_options(fn: Callable[..., Any], options: dict[str, Any], target: Calla
     accepted = [
         name
         for name, par in inspect.signature(target).parameters.items()
-        if par.kind is inspect.Parameter.KEYWORD_ONLY
+        if par.kind is inspect.Parameter.KEYWORD_ONLY and not name.startswith("_")  # private: internal
     ]
     unknown = [k for k in options if k not in accepted]
     if not unknown:
