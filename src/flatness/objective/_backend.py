@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from flatness.objective._guard import model_guard
 from flatness.objective._loss import LossModule, scalar_loss
 from flatness.objective._params import ParamLayout, ParamSpec, alias_map, select_params
 
-__all__ = ["CAPABILITIES", "Backend", "LocalBackend", "Presummed", "Swap"]
+__all__ = ["ACCUMULATED", "CAPABILITIES", "Accumulated", "Backend", "LocalBackend", "Swap"]
 
 #: The optional features a backend may have (:attr:`Backend.capabilities`):
 #: ``"exact_hvp"`` double-backward / forward-over-reverse products; ``"kept_graphs"`` gradient
@@ -40,19 +40,22 @@ __all__ = ["CAPABILITIES", "Backend", "LocalBackend", "Presummed", "Swap"]
 #: ``"functional"`` computing at θ with autograd (or forward-mode) tangents through
 #: :meth:`Backend.at`, which the GGN, the Fisher and the empirical Fisher need; ``"vmap"``
 #: evaluating many points at once with ``torch.func.vmap``; ``"whole_vectors"`` this process
-#: holds every entry of a vector (full-space box maximization, user-given matrices).
-CAPABILITIES = ("exact_hvp", "kept_graphs", "dtype", "functional", "vmap", "whole_vectors")
+#: holds every entry of a vector (full-space box maximization, user-given matrices);
+#: ``"batch_gradients"`` each batch's gradient as a vector of its own (finite differences are then
+#: formed batch by batch; otherwise from two whole-pass gradients).
+CAPABILITIES = ("exact_hvp", "kept_graphs", "dtype", "functional", "vmap", "whole_vectors", "batch_gradients")
 
 
-class Presummed(NamedTuple):
-    """A batch's vector already weighted by the step's batch weights and summed over the ranks.
-
-    A sharded backend's gradient comes out of the backward pass reduce-scattered: it holds every
-    rank's weighted contribution of the step, so the pass adds it as it is and does not sum it
-    over the ranks again.
+class Accumulated:
+    """What a backend's :meth:`Backend.batch_grad` returns when it adds the batch's weighted
+    gradient to a sum of its own (a sharded model's ``.grad`` fields, reduce-scattered over the
+    ranks in the backward pass): the pass reads the sum once, at its end
+    (:meth:`Backend.take_gradient`), and does not sum it over the ranks again.
     """
 
-    value: Any
+
+#: the one instance of :class:`Accumulated`.
+ACCUMULATED = Accumulated()
 
 
 class Backend:
@@ -108,7 +111,12 @@ class Backend:
         raise NotImplementedError
 
     def batch_grad(self, theta: torch.Tensor, batch: Any, weight: float) -> tuple[torch.Tensor, Any]:
-        """(ℓ_b(θ), ∇ℓ_b(θ)) of one batch; the gradient may come :class:`Presummed` (weighted)."""
+        """(ℓ_b(θ), ∇ℓ_b(θ)) of one batch, or (ℓ_b(θ), :data:`ACCUMULATED`) for a backend
+        without ``"batch_gradients"``, which adds ``weight`` · ∇ℓ_b(θ) to a sum of its own."""
+        raise NotImplementedError
+
+    def take_gradient(self, out: torch.Tensor) -> torch.Tensor:
+        """The sum the ``ACCUMULATED`` gradients of this pass were added to, written into ``out``."""
         raise NotImplementedError
 
     def swapped(self, work: torch.Tensor) -> contextlib.AbstractContextManager[Swap]:

@@ -34,7 +34,7 @@ from torch import nn
 from flatness._utils.compat import fsdp_mp_policy, fsdp_state_param_groups, shard_first_row
 from flatness.algorithms._linalg import VectorSpace
 from flatness.objective import _dist
-from flatness.objective._backend import Backend, Presummed, Swap, _promote
+from flatness.objective._backend import ACCUMULATED, Accumulated, Backend, Swap, _promote
 from flatness.objective._data import DataSource, batch_size_of, move_batch
 from flatness.objective._guard import model_guard
 from flatness.objective._loss import LossModule, scalar_loss
@@ -379,20 +379,30 @@ class FSDPBackend(Backend):
         with torch.no_grad():
             return scalar_loss(self.module, self.module(batch))
 
-    def batch_grad(self, theta: torch.Tensor, batch: Any, weight: float) -> tuple[torch.Tensor, Presummed]:
-        """(ℓ_b(θ), Σ_ranks w_r ∇ℓ_b,r(θ)): the step's reduce-scattered gradient, this rank's shard."""
+    def batch_grad(self, theta: torch.Tensor, batch: Any, weight: float) -> tuple[torch.Tensor, Accumulated]:
+        """ℓ_b(θ); w ∇ℓ_b(θ) goes to the ``.grad`` fields (reduce-scattered over the ranks)."""
         self._write(theta)
         with torch.enable_grad():
             loss = scalar_loss(self.module, self.module(batch))
             (loss * weight).backward()
-        pieces = []
-        for p, loc in zip(self._params, self._locals, strict=True):
+        return loss.detach(), ACCUMULATED
+
+    def take_gradient(self, out: torch.Tensor) -> torch.Tensor:
+        """Σ_b w_b ∇ℓ_b(θ) over every rank's batches of this pass into ``out``: this rank's shard.
+
+        Each ``.grad`` is cleared once read (the pass's session restores the user's afterwards).
+        """
+        pos = 0
+        for p, k in zip(self._params, self.local_numels, strict=True):
             g = p.grad
-            g = torch.zeros_like(loc) if g is None else g.to_local().detach()  # type: ignore[attr-defined]
-            pieces.append(g.reshape(-1).to(self.dtype))
+            if g is None:
+                out[pos : pos + k].zero_()
+            else:
+                out[pos : pos + k].copy_(g.to_local().reshape(-1))  # type: ignore[attr-defined]
             p.grad = None
+            pos += k
         # FSDP averages the reduce-scattered gradient over the ranks: undo that.
-        return loss.detach(), Presummed(torch.cat(pieces).mul_(self._world))
+        return out.mul_(self._world)
 
     # ------------------------------------------------------------------ passes
     @contextlib.contextmanager

@@ -31,7 +31,7 @@ from flatness._utils.validate import check_choice, check_loss_reduction, check_s
 from flatness._utils.validate import check_options as _check_options
 from flatness.algorithms._linalg import VectorSpace
 from flatness.objective import _dist, _hvp
-from flatness.objective._backend import Backend, Presummed
+from flatness.objective._backend import Accumulated, Backend
 from flatness.objective._data import DataSource
 from flatness.objective._evaluate import evaluate_many as _evaluate_many
 from flatness.objective._fd import KinkGuard, NoSecondDerivativeError, fd_step, same_randomness
@@ -358,7 +358,7 @@ class Objective:
         total_extra = None if numel is None else torch.zeros(numel, dtype=acc, device=self.device)
         losses: list[torch.Tensor] = []
         total_size = 0
-        presummed = False
+        presummed = False  # the extra is the backend's own sum (already over every rank)
         with backend.session(self.train, with_grad=True):
             saved = self.data.save_generators()
             try:
@@ -375,11 +375,11 @@ class Objective:
                         losses.append(loss)
                         total_loss = total_loss + w * loss.to(acc)
                         total_size += size
-                    if isinstance(extra, Presummed):
-                        presummed, extra, alpha = True, extra.value, 1.0
-                    else:
-                        alpha = w
-                    if total_extra is not None and extra is not None and (alpha or presummed):
+                    if isinstance(extra, Accumulated):
+                        presummed = True
+                        continue
+                    alpha = w
+                    if total_extra is not None and extra is not None and alpha:
                         # NaN and ±inf survive the sum, so one check of the total suffices.
                         if isinstance(extra, tuple):  # parts summed side by side
                             start = 0
@@ -390,6 +390,8 @@ class Objective:
                                 start = end
                         else:
                             total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=alpha)
+                if presummed and total_extra is not None:
+                    backend.take_gradient(total_extra)
             finally:
                 self.data.restore_generators(saved)
         self.n_passes += 1
@@ -457,13 +459,13 @@ class Objective:
         """∇L(θ) over one full pass."""
         return self.loss_and_grad(theta)[1]
 
-    def _grad_pass(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grad_pass(self, theta: torch.Tensor, what: str = "gradient") -> tuple[torch.Tensor, torch.Tensor]:
         backend = self.backend
 
         def per_batch(batch: Any, weight: float) -> tuple[torch.Tensor, Any]:
             return backend.batch_grad(theta, batch, weight)
 
-        loss, grad = self.sum_over_data(per_batch, "gradient", self.n_local)
+        loss, grad = self.sum_over_data(per_batch, what, self.n_local)
         assert grad is not None
         return loss, grad
 
@@ -508,7 +510,11 @@ class Objective:
         return fd_step(self.space.norm64(self.theta_or_default(theta)), self.n, self.backend.eps)
 
     def _fd_hvp(self, v: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h, differenced batch by batch."""
+        """‖v‖ (∇L(θ + h v̂) − ∇L(θ − h v̂)) / 2h: batch by batch, or from two gradient passes.
+
+        With ``"batch_gradients"`` (one process) the difference is formed per batch, in one pass;
+        a backend whose gradients come only as whole-pass sums (FSDP) takes two passes.
+        """
         vnorm = self.space.norm64(v)
         if not math.isfinite(vnorm):
             raise ValueError("v: the vector has non-finite entries")
@@ -517,7 +523,40 @@ class Objective:
             return torch.zeros_like(theta)
         h = self.fd_step(theta)
         c = h / vnorm
-        point = torch.empty_like(theta)  # θ + h v̂, then θ − h v̂ (one buffer, refilled per batch)
+        # The non-smoothness guard (flatness.objective._fd.KinkGuard) until it has warned: ∇L(θ) once per θ.
+        kinks = self._kinks
+        guard = not kinks.warned
+        what = "finite-difference Hessian-vector product"
+        point = torch.empty_like(theta)  # θ + h v̂, then θ − h v̂ (one buffer)
+        if self.supports("batch_gradients"):
+            diff, second = self._fd_by_batch(theta, v, c, point, guard, what)
+        else:
+            # Gradients only as whole-pass sums (a sharded model's .grad): two passes, which
+            # see the same batches and random numbers (every pass starts from data_seed).
+            torch.add(theta, v, alpha=c, out=point)
+            diff = self._grad_pass(point, what)[1]
+            torch.add(theta, v, alpha=-c, out=point)
+            g_minus = self._grad_pass(point, what)[1]
+            diff.sub_(g_minus)
+            # g₊ + g₋ = 2 g₋ + (g₊ − g₋), for the guard's second difference.
+            second = g_minus.mul_(2.0).add_(diff) if guard else None
+            del g_minus
+        del point
+        # ∇L(θ) after the products' passes (the same numbers; less memory held meanwhile).
+        g0 = kinks.base_gradient(theta, self._acc_grad) if guard else None
+        if g0 is None:
+            return diff.mul_(vnorm / (2.0 * h)).to(self.dtype)
+        assert second is not None
+        kinks.check(second.sub_(g0, alpha=2.0), diff)
+        del second
+        if diff._base is None:  # a vector of its own: scaled in place
+            return diff.mul_(vnorm / (2.0 * h)).to(self.dtype)
+        return diff.mul(vnorm / (2.0 * h)).to(self.dtype)  # a vector of its own, not a view of the 2n sums
+
+    def _fd_by_batch(
+        self, theta: torch.Tensor, v: torch.Tensor, c: float, point: torch.Tensor, guard: bool, what: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Σ_b w_b (g₊ − g₋) and Σ_b w_b (g₊ + g₋) / Σ_b w_b, differenced batch by batch."""
         backend = self.backend
 
         def per_batch(batch: Any, weight: float) -> tuple[torch.Tensor, Any]:
@@ -531,26 +570,17 @@ class Objective:
                 replay()
                 torch.add(theta, v, alpha=-c, out=point)
                 _, g_minus = backend.batch_grad(point, batch, weight)
-            wrap = isinstance(g_plus, Presummed)
-            if wrap:
-                g_plus, g_minus = g_plus.value, g_minus.value
             g_plus.sub_(g_minus)
+            if not guard:
+                return loss, g_plus
             # g₊ + g₋ = 2 g₋ + (g₊ − g₋), for the guard's second difference.
-            out = (g_plus, g_minus.mul_(2.0).add_(g_plus)) if guard else g_plus
-            return loss, Presummed(out) if wrap else out
+            return loss, (g_plus, g_minus.mul_(2.0).add_(g_plus))
 
-        # The non-smoothness guard (flatness.objective._fd.KinkGuard) until it has warned: ∇L(θ) once per θ.
-        kinks = self._kinks
-        guard = not kinks.warned
-        g0 = kinks.base_gradient(theta, self._acc_grad) if guard else None
-        what = "finite-difference Hessian-vector product"
         total = self.sum_over_data(per_batch, what, 2 * self.n_local if guard else self.n_local)[1]
         assert total is not None
-        if g0 is None:
-            return total.mul_(vnorm / (2.0 * h)).to(self.dtype)
-        diff, second = total[: self.n_local], total[self.n_local :].sub_(g0, alpha=2.0)
-        kinks.check(second, diff)
-        return diff.mul(vnorm / (2.0 * h)).to(self.dtype)  # a vector of its own, not a view
+        if not guard:
+            return total, None
+        return total[: self.n_local], total[self.n_local :]
 
     @property
     def hvp_mode_used(self) -> str:
