@@ -208,7 +208,7 @@ def random_direction(
     _check_normalization(normalization)
     g = torch.Generator().manual_seed(check_seed(seed))
     space = parameter_backend(model, params)
-    if "whole_vectors" not in space.capabilities:
+    if space is not None:
         # This process's parts of θ (e.g. an FSDP model's shards): drawn by the vector space
         # (the same direction for any number of ranks), normalized with norms over every rank.
         return normalize_parts(
@@ -271,7 +271,7 @@ def eigen_directions(
         (2, {'weight': (1, 3), 'bias': (1,)})
     """
     space = parameter_backend(model, params)
-    whole = "whole_vectors" in space.capabilities
+    whole = space is None
     named, n = _flat_names(model, params)
     if not whole:  # local vectors: this process's parts (e.g. hessian_topk's on an FSDP model)
         n = space.n_local
@@ -387,7 +387,7 @@ def pca_directions(
     """
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components <= 0:
         raise ValueError(f"n_components: got {n_components!r}; expected a positive int")
-    if "whole_vectors" not in parameter_backend(model, params).capabilities:
+    if parameter_backend(model, params) is not None:
         raise ValueError(
             "model: pca_directions needs whole parameter vectors in one process (an SVD of the "
             "checkpoints' differences), and this model's parameters are split over processes "

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -95,6 +96,8 @@ class Backend:
     capabilities: frozenset[str] = frozenset()
     #: how the backend is named in messages ("a model sharded with fully_shard", ...).
     description: str = ""
+    #: whether the model has convolutions (``evaluate_many`` then loops over points on the CPU).
+    has_conv: bool = False
 
     def session(self, train: bool, *, with_grad: bool) -> contextlib.AbstractContextManager[None]:
         """One pass's guard: the model's mode set, everything of the model restored on exit."""
@@ -109,6 +112,14 @@ class Backend:
     def batch_loss(self, theta: torch.Tensor, batch: Any) -> torch.Tensor:
         """ℓ_b(θ) of one batch, as a 0-d tensor (no gradient)."""
         raise NotImplementedError
+
+    def at(self, theta: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        """Inside the block the model computes with θ = ``theta`` (``"functional"`` backends)."""
+        raise NotImplementedError
+
+    def const(self, t: torch.Tensor) -> torch.Tensor:
+        """A constant of the computation (a buffer value) as the model computes with it."""
+        return t
 
     def batch_grad(self, theta: torch.Tensor, batch: Any, weight: float) -> tuple[torch.Tensor, Any]:
         """(ℓ_b(θ), ∇ℓ_b(θ)) of one batch, or (ℓ_b(θ), :data:`ACCUMULATED`) for a backend
@@ -217,14 +228,8 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------ vectors
     def as_vector(self, v: Any, name: str) -> torch.Tensor:
-        if not isinstance(v, torch.Tensor):
-            try:
-                import numpy as np
-
-                if isinstance(v, np.ndarray):
-                    v = torch.from_numpy(v)
-            except ImportError:  # pragma: no cover
-                pass
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(v).__name__}")
         if v.ndim != 1 or v.shape[0] != self.n:

@@ -111,7 +111,7 @@ def evaluate_many(
                 raise ValueError(
                     f"buffers: {name!r} has shape {tuple(value.shape)}; expected {(k, *ref.shape)}"
                 )
-            bufs[name] = _const(obj, value.detach().to(device=ref.device, dtype=ref.dtype))
+            bufs[name] = obj.backend.const(value.detach().to(device=ref.device, dtype=ref.dtype))
     metrics = dict(metrics or {})
     for name, fn in metrics.items():
         if not callable(fn):
@@ -197,7 +197,7 @@ def evaluate_many(
         out = []
         with obj.backend.swapped(work) as swap:
             point_bufs = {bname: swap.buffers[bname] for bname in bufs}
-            fresh = [(swap.buffers[bn], _const(obj, b).clone()) for bn, b in obj.buffers.items()]
+            fresh = [(swap.buffers[bn], obj.backend.const(b).clone()) for bn, b in obj.buffers.items()]
             for i in range(k):
                 if coords is None:
                     work.copy_(thetas[i])
@@ -225,7 +225,7 @@ def evaluate_many(
         use_vmap: bool | None = False
     elif vectorize is True:
         use_vmap = True
-    elif obj.backend.has_conv and obj.device.type == "cpu":  # type: ignore[attr-defined]
+    elif obj.backend.has_conv and obj.device.type == "cpu":
         use_vmap = False
     else:
         use_vmap = cached
@@ -268,9 +268,3 @@ def _as_matrix(obj: Objective, m: Any, name: str) -> torch.Tensor:
     if m.ndim != 2 or m.shape[0] == 0:
         raise ValueError(f"{name}: got shape {tuple(m.shape)}; expected a 2-D (k, ...) array with k >= 1")
     return m.detach().to(device=obj.device, dtype=obj.dtype)
-
-
-def _const(obj: Objective, t: torch.Tensor) -> torch.Tensor:
-    """A buffer value as the model computes with it (cast with the objective's ``dtype``)."""
-    const = getattr(obj.backend, "const", None)
-    return t if const is None else const(t)

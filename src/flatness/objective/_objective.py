@@ -293,8 +293,6 @@ class Objective:
         """``v`` checked as a (local) vector of θ's size, on θ's device and in its dtype."""
         return self.backend.as_vector(v, name)
 
-    _as_vector = as_vector
-
     def theta_or_default(self, theta: Any) -> torch.Tensor:
         """``theta`` as a vector, θ₀ when None."""
         return self.theta0 if theta is None else self.as_vector(theta, "theta")
@@ -310,7 +308,7 @@ class Objective:
         not at the model's own parameters. Needs the ``"functional"`` capability.
         """
         self.require("functional", "model", "computing at θ with autograd tangents")
-        return self.backend.at(theta)  # type: ignore[attr-defined]
+        return self.backend.at(theta)
 
     def require_outputs(self, what: str) -> None:
         """Raise a TypeError naming ``what`` unless the outputs are separate from the loss."""
@@ -358,7 +356,7 @@ class Objective:
         total_extra = None if numel is None else torch.zeros(numel, dtype=acc, device=self.device)
         losses: list[torch.Tensor] = []
         total_size = 0
-        presummed = False  # the extra is the backend's own sum (already over every rank)
+        accumulated = False  # the extra is the backend's own sum (already over every rank)
         with backend.session(self.train, with_grad=True):
             saved = self.data.save_generators()
             try:
@@ -376,7 +374,7 @@ class Objective:
                         total_loss = total_loss + w * loss.to(acc)
                         total_size += size
                     if isinstance(extra, Accumulated):
-                        presummed = True
+                        accumulated = True
                         continue
                     alpha = w
                     if total_extra is not None and extra is not None and alpha:
@@ -390,7 +388,7 @@ class Objective:
                                 start = end
                         else:
                             total_extra.add_(extra.detach().reshape(-1).to(acc), alpha=alpha)
-                if presummed and total_extra is not None:
+                if accumulated and total_extra is not None:
                     backend.take_gradient(total_extra)
             finally:
                 self.data.restore_generators(saved)
@@ -404,17 +402,17 @@ class Objective:
             ok = bool(finite.all() & torch.isfinite(total_extra).all())
         else:
             ok = bool(finite.all())
-        # A presummed extra (a shard of a reduce-scattered gradient) is not summed again.
+        # An accumulated extra (a shard of a reduce-scattered gradient) is not summed again.
         total_loss, summed, total_size, n_empty, n_bad, n_differ = _dist.all_reduce_sums(
             backend.group,
             total_loss,
-            None if presummed else total_extra,
+            None if accumulated else total_extra,
             total_size,
             empty=not losses,
             bad=not ok,
             differs=differs is not None,
         )
-        if not presummed:
+        if not accumulated:
             total_extra = summed
         if n_empty:
             where = "" if backend.group is None else f" on {n_empty} rank(s); every rank needs a shard"
@@ -528,7 +526,8 @@ class Objective:
         guard = not kinks.warned
         what = "finite-difference Hessian-vector product"
         point = torch.empty_like(theta)  # θ + h v̂, then θ − h v̂ (one buffer)
-        if self.supports("batch_gradients"):
+        by_batch = self.supports("batch_gradients")
+        if by_batch:
             diff, second = self._fd_by_batch(theta, v, c, point, guard, what)
         else:
             # Gradients only as whole-pass sums (a sharded model's .grad): two passes, which
@@ -549,9 +548,9 @@ class Objective:
         assert second is not None
         kinks.check(second.sub_(g0, alpha=2.0), diff)
         del second
-        if diff._base is None:  # a vector of its own: scaled in place
-            return diff.mul_(vnorm / (2.0 * h)).to(self.dtype)
-        return diff.mul(vnorm / (2.0 * h)).to(self.dtype)  # a vector of its own, not a view of the 2n sums
+        if by_batch:  # diff is a view of the 2n sums: a vector of its own
+            return diff.mul(vnorm / (2.0 * h)).to(self.dtype)
+        return diff.mul_(vnorm / (2.0 * h)).to(self.dtype)
 
     def _fd_by_batch(
         self, theta: torch.Tensor, v: torch.Tensor, c: float, point: torch.Tensor, guard: bool, what: str

@@ -25,17 +25,18 @@ def backend_for(
     return LocalBackend(model, module, params=params, dtype=dtype, process_group=process_group)
 
 
-def parameter_backend(model: nn.Module, params: ParamSpec = None) -> Backend:
-    """The backend of ``model``'s parameters alone: layout, vector space and capabilities.
+def parameter_backend(model: nn.Module, params: ParamSpec = None) -> Backend | None:
+    """The backend of a model whose parameters are split over processes, or None.
 
     For functions that take a model but no loss or data (random and eigenvector directions):
-    vectors are this process's parts of θ, as an :class:`flatness.Objective` of the model has them.
+    None when this process holds the whole θ (the model's own tensors serve, nothing is
+    copied); else the backend's layout, vector space and local vectors, as an
+    :class:`flatness.Objective` of the model has them (every rank calls together).
     """
     from flatness.objective._params import unwrap
 
     model = unwrap(model)
     check_not_fsdp1(model)
-    module = LossModule(model, None, None)
-    if is_sharded(model):  # collective: every rank calls together, as for every sharded function
-        return FSDPBackend(model, module, params=params, process_group=None)
-    return LocalBackend(model, module, params=params, dtype=None, process_group=False)  # no collectives
+    if not is_sharded(model):
+        return None
+    return FSDPBackend(model, LossModule(model, None, None), params=params, process_group=None)
